@@ -1,0 +1,29 @@
+# sae_cache: `make demo` caches the embedded demo model offline; `make test` runs the test suite.
+# A GPU user picks their own torch build: make install TORCH_SPEC="torch==2.5.1" (or TORCH_SPEC= to keep the one installed).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+DEMO_OUT ?= activations/demo
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -e ".[test]" --config-settings editable_mode=compat
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m sae_cache --overwrite true --new_cached_activations_path $(DEMO_OUT)
+
+bench: install
+	$(PY) -m benchmark.run_all
+
+clean:
+	rm -rf $(VENV) build *.egg-info

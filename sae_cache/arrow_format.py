@@ -1,0 +1,164 @@
+"""The on-disk layout that `datasets.load_from_disk` opens: one module owns it.
+
+A cache directory holds `data-XXXXX-of-NNNNN.arrow` files (Arrow IPC streams whose schema carries
+datasets' `huggingface` metadata), `state.json`, `dataset_info.json`, and our `sae_cache.json`.
+Activations are datasets' `Array2D(shape=(length, d), dtype)` columns, one per hook, and token ids a
+`Sequence(Value("int32"), length=length)` column. Files are written with pyarrow directly from the
+arrays' memory (no per-element Python work, no extra full copy) and read back zero-copy from
+memory maps. The round trip through `datasets.load_from_disk` is tested in tests/test_arrow_format.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from datasets import Array2D, Features, Sequence, Value
+from datasets.features.features import Array2DExtensionType
+
+TOKEN_IDS = "token_ids"
+METADATA_FILE = "sae_cache.json"
+STATE_FILE = "state.json"
+INFO_FILE = "dataset_info.json"
+
+
+def cache_features(hook_dims: dict[str, int], length: int, dtype: str) -> Features:
+    """The datasets Features of a cache: one Array2D column per hook, then token_ids."""
+    columns: dict = {hook: Array2D(shape=(length, d), dtype=dtype) for hook, d in hook_dims.items()}
+    columns[TOKEN_IDS] = Sequence(Value("int32"), length=length)
+    return Features(columns)
+
+
+def data_file_name(index: int, count: int) -> str:
+    """datasets' name for file `index` of `count`."""
+    return f"data-{index:05d}-of-{count:05d}.arrow"
+
+
+def _array2d(values: np.ndarray, dtype: str) -> pa.ExtensionArray:
+    """An Array2D extension array over `values` (rows, length, d) without copying the values."""
+    rows, length, d = values.shape
+    flat = pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), values.size, [None, pa.py_buffer(values)])
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * length * d + 1, d, dtype=np.int32)), flat)
+    outer = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * length + 1, length, dtype=np.int32)), inner)
+    return pa.ExtensionArray.from_storage(Array2DExtensionType((length, d), dtype), outer)
+
+
+def _token_array(token_ids: np.ndarray) -> pa.FixedSizeListArray:
+    rows, length = token_ids.shape
+    flat = pa.Array.from_buffers(pa.int32(), token_ids.size, [None, pa.py_buffer(token_ids)])
+    return pa.FixedSizeListArray.from_arrays(flat, length)
+
+
+def record_batch(features: Features, columns: dict[str, np.ndarray]) -> pa.RecordBatch:
+    """A record batch of `columns` (C-contiguous numpy arrays in the cache's dtypes), zero-copy."""
+    arrays = []
+    for name, feature in features.items():
+        values = np.ascontiguousarray(columns[name])
+        if name == TOKEN_IDS:
+            arrays.append(_token_array(values.astype(np.int32, copy=False)))
+        else:
+            arrays.append(_array2d(values.astype(feature.dtype, copy=False), feature.dtype))
+    return pa.RecordBatch.from_arrays(arrays, schema=features.arrow_schema)
+
+
+class ArrowFileWriter:
+    """Writes record batches to one Arrow IPC stream file; `close()` flushes and fsyncs it."""
+
+    def __init__(self, path: Path, features: Features) -> None:
+        self.path = Path(path)
+        self.features = features
+        self._sink = pa.OSFile(str(self.path), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, features.arrow_schema)
+        self.rows = 0
+
+    def write(self, columns: dict[str, np.ndarray]) -> None:
+        batch = record_batch(self.features, columns)
+        self._writer.write_batch(batch)
+        self.rows += batch.num_rows
+
+    def close(self) -> None:
+        self._writer.close()
+        self._sink.close()
+        fsync_path(self.path)
+
+
+def write_arrow_file(path: Path, features: Features, columns: dict[str, np.ndarray]) -> int:
+    """Write one Arrow file holding `columns`; returns its row count."""
+    writer = ArrowFileWriter(path, features)
+    writer.write(columns)
+    writer.close()
+    return writer.rows
+
+
+def read_arrow_columns(path: Path) -> Iterator[dict[str, np.ndarray]]:
+    """Yield each record batch of an Arrow file as numpy views on its memory map (no copy).
+
+    Activation columns come out as (rows, length, d) arrays, token_ids as (rows, length) int32.
+    The views keep the memory map alive; drop them to release it.
+    """
+    source = pa.memory_map(str(path), "r")
+    reader = pa.ipc.open_stream(source)
+    for batch in reader:
+        yield {name: _column_view(batch.column(i)) for i, name in enumerate(batch.schema.names)}
+
+
+def _column_view(array: pa.Array) -> np.ndarray:
+    if isinstance(array, pa.ExtensionArray):
+        array = array.storage
+    rows = len(array)
+    if pa.types.is_fixed_size_list(array.type):
+        return array.flatten().to_numpy(zero_copy_only=True).reshape(rows, -1)
+    inner = array.flatten()
+    values = inner.flatten().to_numpy(zero_copy_only=True)
+    length = len(inner) // rows if rows else 0
+    return values.reshape(rows, length, -1)
+
+
+def write_dataset_files(directory: Path, features: Features, file_names: list[str], fingerprint: str) -> None:
+    """Write datasets' `state.json` and `dataset_info.json` for the listed data files (metadata last)."""
+    state = {
+        "_data_files": [{"filename": name} for name in file_names],
+        "_fingerprint": fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    info = {"citation": "", "description": "", "features": features.to_dict(), "homepage": "", "license": ""}
+    write_json_atomic(directory / INFO_FILE, info)
+    write_json_atomic(directory / STATE_FILE, state)
+
+
+def fingerprint_of(payload: dict) -> str:
+    """A 16-hex-digit fingerprint of a JSON-able payload (what datasets uses to key its caches)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON to `path` through a temporary file, fsync and rename: readers see old or new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory so that its contents (or its entries) survive a crash."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

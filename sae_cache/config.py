@@ -1,0 +1,310 @@
+"""The one configuration dataclass and its validation.
+
+Owns `CacheActivationsRunnerConfig`: SAELens 6.x's field names and meanings (a config written for
+SAELens's `CacheActivationsRunnerConfig` constructs this one unchanged), the options of SAELens
+PR #612, and sae_cache's own few additions. `__post_init__` only validates and normalises; it never
+touches the network or the disk. Values the model or data can tell (`d_in`, `hook_layer`,
+`context_size` of a pretokenized dataset) may be left unset and are resolved at run time.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+# Storage dtypes that the datasets Array2D format can hold, by every spelling we accept.
+STORAGE_DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "float16": "float16",
+    "float64": "float64",
+    "torch.float32": "float32",
+    "torch.float16": "float16",
+    "torch.float64": "float64",
+}
+SEPARATOR_NAMES = ("bos", "eos", "sep")
+UNSET = -1
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class CacheActivationsRunnerConfig:
+    """What to cache, from which model and data, and where to write it."""
+
+    dataset_path: str = "sae-cache/demo-text"
+    """Dataset to read: a Hugging Face Hub name, a local directory (save_to_disk output or data files), or
+    `sae-cache/demo-text` (the bundled demo text). Columns: `tokens`/`input_ids` (pretokenized) or `text`/`problem`."""
+
+    model_name: str = "sae-cache/demo"
+    """TransformerLens model name (loaded with `from_pretrained_no_processing`), or `sae-cache/demo` (the bundled demo model)."""
+
+    model_batch_size: int = 32
+    """Sequences per forward pass."""
+
+    hook_name: str | list[str] = "blocks.2.hook_resid_post"
+    """TransformerLens hook name to cache; a list (or a comma-separated string) caches several hooks in one forward pass, one column each."""
+
+    d_in: int = UNSET
+    """Width of the cached activations; -1 reads it from the model. When set it must match every hook."""
+
+    training_tokens: int = 1_000_000
+    """Tokens to cache. The cache holds exactly training_tokens // sliced context_size rows."""
+
+    context_size: int = UNSET
+    """Tokens per sequence. -1 takes the row length of a pretokenized dataset; required for raw text."""
+
+    model_class_name: str = "HookedTransformer"
+    """Model class to load `model_name` with. Only HookedTransformer is loaded by name; pass `model=` for others."""
+
+    new_cached_activations_path: str | None = None
+    """Output directory. Default: activations/{dataset}/{model}/{hook_name} (SAELens's default)."""
+
+    shuffle: bool = True
+    """Store the rows in a uniformly random order on disk, reproducible from `seed`."""
+
+    seed: int = 42
+    """Seed of every random choice (the on-disk shuffle)."""
+
+    dtype: str = "float32"
+    """Storage dtype of the activations: float32, float16 or float64 (the Arrow format cannot hold bfloat16)."""
+
+    device: str = field(default_factory=_default_device)
+    """Device of the model: cuda when available, else cpu."""
+
+    buffer_size_gb: float = 2.0
+    """Size of one buffer of activations in GB (1e9 bytes). Each buffer becomes one Arrow shard; memory stays near one buffer."""
+
+    hf_repo_id: str | None = None
+    """Hugging Face dataset repository to push the finished cache to (none: keep it local)."""
+
+    hf_num_shards: int | None = None
+    """Number of shards of the pushed dataset (none: datasets' default)."""
+
+    hf_revision: str = "main"
+    """Branch of the Hub repository to push to."""
+
+    hf_is_private_repo: bool = False
+    """Create the Hub repository as private."""
+
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments passed to every forward call of the model."""
+
+    model_from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments passed to the model's from_pretrained."""
+
+    compile_llm: bool = False
+    """torch.compile the model before caching."""
+
+    llm_compilation_mode: str | None = None
+    """torch.compile mode (none: torch's default)."""
+
+    prepend_bos: bool = True
+    """Put the BOS token at position 0 of every packed row of raw text (use what the model was trained with)."""
+
+    seqpos_slice: tuple[int | None, ...] = (None,)
+    """Positions of each row to keep, as Python slice arguments (start, stop[, step]); the stored row length is the sliced length."""
+
+    streaming: bool = True
+    """Stream the dataset instead of downloading it whole."""
+
+    autocast_lm: bool = False
+    """Run the forward pass under bfloat16 autocast."""
+
+    dataset_trust_remote_code: bool | None = None
+    """Allow a Hub dataset to run its own loading code."""
+
+    use_chat_formatting: bool = False
+    """Tokenize each row with the tokenizer's chat template (rows hold conversations or text). Requires context_size."""
+
+    hook_layer: int | None = None
+    """Layer of the (deepest) hook. Optional: inferred from the hook name; when given it must agree with it."""
+
+    disable_concat_sequences: bool = False
+    """Do not pack several sequences into a row: each sequence becomes its own row, truncated; shorter ones are skipped."""
+
+    sequence_separator_token: int | str | None = "bos"
+    """Token inserted between concatenated sequences: bos, eos, sep, a token id, or none."""
+
+    exclude_special_tokens: bool | list[int] = False
+    """Drop these tokens' activations before rows are packed (True: the tokenizer's BOS/EOS/PAD/SEP). Needs shuffle_across_sequences."""
+
+    shuffle_across_sequences: bool = False
+    """Shuffle individual positions across sequences, so a stored row mixes many sequences (each activation keeps its token id). Needs shuffle."""
+
+    overwrite: bool = False
+    """Replace an existing cache at the output path (atomically: the old one stays until the new one is complete)."""
+
+    resume: bool = False
+    """Continue an interrupted run from its last complete shard (the configuration must produce the same output)."""
+
+    fp16_overflow: str = "error"
+    """What to do when float16 storage turns values into inf: error (stop with a message) or warn (store inf, count it in the metadata)."""
+
+    def __post_init__(self) -> None:
+        self.hook_name = _normalise_hook_names(self.hook_name)
+        self.seqpos_slice = tuple(self.seqpos_slice)
+        self.dtype = _normalise_dtype(self.dtype)
+        if isinstance(self.sequence_separator_token, str) and re.fullmatch(r"-?\d+", self.sequence_separator_token):
+            self.sequence_separator_token = int(self.sequence_separator_token)
+        for check in _CHECKS:
+            check(self)
+        if self.new_cached_activations_path is None:
+            self.new_cached_activations_path = default_cache_path(self.dataset_path, self.model_name, self.hook_names)
+
+    @property
+    def hook_names(self) -> list[str]:
+        """The hook names as a list, whatever form `hook_name` was given in."""
+        return list(self.hook_name) if isinstance(self.hook_name, list) else [self.hook_name]
+
+    @property
+    def deepest_hook_layer(self) -> int | None:
+        """Layer index of the deepest hook read from the names (None when a hook is outside the blocks)."""
+        layers = [hook_layer_from_name(h) for h in self.hook_names]
+        return None if any(layer is None for layer in layers) else max(layers)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary of every field."""
+        return asdict(self)
+
+
+def default_cache_path(dataset_path: str, model_name: str, hook_names: list[str]) -> str:
+    """SAELens's default output path, activations/{dataset}/{model}/{hook}."""
+    hooks = "+".join(hook_names)
+    return f"activations/{dataset_path.replace('/', '_')}/{model_name.replace('/', '_')}/{hooks}"
+
+
+def hook_layer_from_name(hook_name: str) -> int | None:
+    """The layer of a TransformerLens hook name (`blocks.3.hook_resid_post` -> 3), None outside the blocks."""
+    match = re.search(r"\.(\d+)(?:\.|$)", hook_name)
+    return None if match is None else int(match.group(1))
+
+
+def _normalise_hook_names(hook_name: str | list[str]) -> str | list[str]:
+    names = hook_name.split(",") if isinstance(hook_name, str) else list(hook_name)
+    names = [n.strip() for n in names]
+    if not names or any(not n for n in names):
+        raise ValueError(f"hook_name={hook_name!r} contains an empty name: give one hook name or a list of them.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"hook_name={hook_name!r} repeats a hook: list each hook once.")
+    if "token_ids" in names:
+        raise ValueError("hook_name may not be 'token_ids': that column holds the token ids.")
+    return names[0] if len(names) == 1 else names
+
+
+def _normalise_dtype(dtype: Any) -> str:
+    text = str(dtype)
+    if text in STORAGE_DTYPES:
+        return STORAGE_DTYPES[text]
+    if "bfloat16" in text:
+        raise ValueError(
+            "dtype='bfloat16' cannot be stored: datasets' Array2D (Arrow) format has no bfloat16. "
+            "Use dtype='float16' (half the bytes of float32) or 'float32'."
+        )
+    raise ValueError(f"dtype={dtype!r} is not supported: use one of float32, float16, float64.")
+
+
+def _check_sizes(cfg: CacheActivationsRunnerConfig) -> None:
+    for name in ("model_batch_size", "training_tokens"):
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} must be a positive integer.")
+    if cfg.context_size != UNSET and cfg.context_size < 1:
+        raise ValueError(f"context_size={cfg.context_size} must be positive, or -1 to take it from a pretokenized dataset.")
+    if cfg.d_in != UNSET and cfg.d_in < 1:
+        raise ValueError(f"d_in={cfg.d_in} must be positive, or -1 to read it from the model.")
+    if not cfg.buffer_size_gb > 0:
+        raise ValueError(f"buffer_size_gb={cfg.buffer_size_gb} must be positive (e.g. 0.5 or 2.0).")
+    if cfg.hf_num_shards is not None and cfg.hf_num_shards < 1:
+        raise ValueError(f"hf_num_shards={cfg.hf_num_shards} must be at least 1, or None.")
+    if cfg.context_size != UNSET and cfg.context_size > cfg.training_tokens:
+        raise ValueError(
+            f"context_size ({cfg.context_size}) is greater than training_tokens ({cfg.training_tokens}): "
+            "reduce context_size or increase training_tokens."
+        )
+
+
+def _check_seqpos_slice(cfg: CacheActivationsRunnerConfig) -> None:
+    s = cfg.seqpos_slice
+    if not 1 <= len(s) <= 3 or any(v is not None and not isinstance(v, int) for v in s):
+        raise ValueError(f"seqpos_slice={s!r} must be 1 to 3 integers or None: (start, stop[, step]).")
+    if len(s) == 3 and s[2] is not None and s[2] < 1:
+        raise ValueError(f"seqpos_slice={s!r} has step {s[2]}: the step must be at least 1.")
+    if cfg.context_size != UNSET:
+        kept = len(range(cfg.context_size)[slice(*s)])
+        if kept == 0:
+            raise ValueError(
+                f"seqpos_slice={s!r} selects no position of context_size={cfg.context_size}: widen the slice."
+            )
+        if cfg.training_tokens < kept:
+            raise ValueError(
+                f"training_tokens={cfg.training_tokens} is less than one sliced row ({kept} tokens): increase training_tokens."
+            )
+
+
+def _check_hooks(cfg: CacheActivationsRunnerConfig) -> None:
+    if cfg.hook_layer is None:
+        return
+    deepest = cfg.deepest_hook_layer
+    if deepest is not None and cfg.hook_layer != deepest:
+        raise ValueError(
+            f"hook_layer={cfg.hook_layer} contradicts hook_name={cfg.hook_name!r} (layer {deepest}): "
+            "leave hook_layer unset or make them agree."
+        )
+
+
+def _check_model(cfg: CacheActivationsRunnerConfig) -> None:
+    if cfg.model_class_name != "HookedTransformer":
+        raise ValueError(
+            f"model_class_name={cfg.model_class_name!r}: only HookedTransformer models are loaded by name; "
+            "build other models yourself and pass them as CacheActivationsRunner(cfg, model=...)."
+        )
+    if cfg.use_chat_formatting and cfg.context_size == UNSET:
+        raise ValueError("use_chat_formatting=True requires context_size to be set explicitly.")
+
+
+def _check_shuffle_options(cfg: CacheActivationsRunnerConfig) -> None:
+    if cfg.shuffle_across_sequences and not cfg.shuffle:
+        raise ValueError("shuffle_across_sequences=True requires shuffle=True: set shuffle=True or turn it off.")
+    exclude = cfg.exclude_special_tokens
+    if isinstance(exclude, list):
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in exclude):
+            raise ValueError(f"exclude_special_tokens={exclude!r} must be True/False or a list of non-negative token ids.")
+    elif not isinstance(exclude, bool):
+        raise ValueError(f"exclude_special_tokens={exclude!r} must be True/False or a list of token ids.")
+    if exclude and not cfg.shuffle_across_sequences:
+        raise ValueError(
+            "exclude_special_tokens needs shuffle_across_sequences=True (and shuffle=True): a row of one sequence "
+            "must keep all its positions. Otherwise cache everything and exclude at training time: SAELens's "
+            "exclude_special_tokens option filters by the cached token_ids column."
+        )
+
+
+def _check_separator(cfg: CacheActivationsRunnerConfig) -> None:
+    sep = cfg.sequence_separator_token
+    if sep is None or (isinstance(sep, int) and not isinstance(sep, bool) and sep >= 0):
+        return
+    if isinstance(sep, str) and sep in SEPARATOR_NAMES:
+        return
+    raise ValueError(f"sequence_separator_token={sep!r} must be 'bos', 'eos', 'sep', a token id >= 0, or None.")
+
+
+def _check_run_mode(cfg: CacheActivationsRunnerConfig) -> None:
+    if cfg.overwrite and cfg.resume:
+        raise ValueError("overwrite=True and resume=True contradict each other: choose one.")
+    if cfg.fp16_overflow not in ("error", "warn"):
+        raise ValueError(f"fp16_overflow={cfg.fp16_overflow!r} must be 'error' or 'warn'.")
+
+
+_CHECKS = (
+    _check_sizes,
+    _check_seqpos_slice,
+    _check_hooks,
+    _check_model,
+    _check_shuffle_options,
+    _check_separator,
+    _check_run_mode,
+)

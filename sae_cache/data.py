@@ -1,0 +1,146 @@
+"""Input data: open the dataset and turn its rows into token rows of context_size.
+
+Owns where data comes from (a dataset object, the bundled demo text, a `save_to_disk` directory, a
+local folder of data files or a Hub name), which column holds it (`tokens`/`input_ids` pretokenized,
+`text`/`problem` raw, conversations with chat formatting), and the glue between the model's tokenizer
+and the pure packing functions of `sae_cache.tokenization`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
+
+from sae_cache.config import UNSET, CacheActivationsRunnerConfig
+from sae_cache.tokenization import pack_sequences, resolve_special_token, truncate_pretokenized
+
+TOKEN_COLUMNS = ("tokens", "input_ids")
+TEXT_COLUMNS = ("text", "problem")
+CHAT_COLUMNS = ("conversation", "conversations", "messages", "text")
+
+
+@dataclass(frozen=True)
+class InputColumn:
+    """The column to read and whether it is already tokenized."""
+
+    name: str
+    pretokenized: bool
+
+
+def open_dataset(cfg: CacheActivationsRunnerConfig, override: Any = None) -> Dataset | IterableDataset:
+    """The dataset to read: the override object, the demo text, a local directory or a Hub dataset."""
+    from sae_cache.demo import DEMO_DATASET_NAME, load_demo_dataset
+
+    if override is not None:
+        dataset = override
+    elif cfg.dataset_path == DEMO_DATASET_NAME:
+        dataset = load_demo_dataset()
+    elif (Path(cfg.dataset_path) / "state.json").exists() or (Path(cfg.dataset_path) / "dataset_dict.json").exists():
+        dataset = load_from_disk(cfg.dataset_path)
+    else:
+        dataset = load_dataset(
+            cfg.dataset_path,
+            split="train",
+            streaming=cfg.streaming,
+            trust_remote_code=cfg.dataset_trust_remote_code,
+        )
+    if isinstance(dataset, DatasetDict | IterableDatasetDict):
+        if "train" not in dataset:
+            raise ValueError(f"dataset {cfg.dataset_path!r} has splits {list(dataset)} but no 'train' split to read.")
+        dataset = dataset["train"]
+    if not isinstance(dataset, Dataset | IterableDataset):
+        raise TypeError(f"override_dataset must be a datasets.Dataset or IterableDataset, got {type(dataset).__name__}.")
+    return dataset
+
+
+def first_row(dataset: Dataset | IterableDataset) -> dict:
+    """The first row of the dataset (an error if it has none)."""
+    for row in dataset:
+        return row
+    raise ValueError("the dataset is empty: point dataset_path at a dataset with rows.")
+
+
+def find_column(row: dict, *, chat: bool) -> InputColumn:
+    """The column the rows are read from, as SAELens picks it."""
+    names = CHAT_COLUMNS if chat else TOKEN_COLUMNS + TEXT_COLUMNS
+    for name in names:
+        if name in row:
+            return InputColumn(name, pretokenized=not chat and name in TOKEN_COLUMNS)
+    raise ValueError(f"the dataset has columns {sorted(row)}; it needs one of {list(names)}.")
+
+
+def resolve_context_size(cfg: CacheActivationsRunnerConfig, column: InputColumn, row: dict) -> int:
+    """context_size from the config, or from the first row of a pretokenized dataset."""
+    if column.pretokenized:
+        length = len(row[column.name])
+        if cfg.context_size == UNSET:
+            return length
+        if length < cfg.context_size:
+            raise ValueError(
+                f"the pretokenized dataset's first row has {length} tokens, fewer than context_size={cfg.context_size}: "
+                f"set context_size to at most {length} (or -1 to use {length})."
+            )
+        return cfg.context_size
+    if cfg.context_size == UNSET:
+        raise ValueError(f"the dataset holds raw text (column {column.name!r}): set context_size (e.g. 128).")
+    return cfg.context_size
+
+
+def token_rows(
+    dataset: Dataset | IterableDataset,
+    column: InputColumn,
+    *,
+    model,
+    cfg: CacheActivationsRunnerConfig,
+    context_size: int,
+) -> Iterator[torch.Tensor]:
+    """Token rows of exactly context_size tokens, as SAELens's ActivationsStore builds them."""
+    values = (row[column.name] for row in dataset)
+    if column.pretokenized:
+        return truncate_pretokenized(values, context_size=context_size)
+    tokenizer = getattr(model, "tokenizer", None)
+    return pack_sequences(
+        _tokenize(values, model, chat=cfg.use_chat_formatting),
+        context_size=context_size,
+        bos_token_id=tokenizer.bos_token_id if cfg.prepend_bos and tokenizer is not None else None,
+        separator_token_id=resolve_special_token(
+            cfg.sequence_separator_token, tokenizer, field="sequence_separator_token"
+        )
+        if tokenizer is not None
+        else None,
+        disable_concat=cfg.disable_concat_sequences,
+    )
+
+
+def special_token_ids(cfg: CacheActivationsRunnerConfig, tokenizer) -> list[int] | None:
+    """Token ids whose positions are dropped (exclude_special_tokens), None when nothing is excluded."""
+    if cfg.exclude_special_tokens is False:
+        return None
+    if isinstance(cfg.exclude_special_tokens, list):
+        return sorted(set(cfg.exclude_special_tokens))
+    if tokenizer is None:
+        raise ValueError("exclude_special_tokens=True needs the model's tokenizer: give the token ids as a list.")
+    attrs = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
+    return sorted({int(t) for t in (getattr(tokenizer, a, None) for a in attrs) if t is not None})
+
+
+def _tokenize(values: Iterator[Any], model, *, chat: bool) -> Iterator[torch.Tensor]:
+    """Tokenize raw rows one by one with the model's tokenizer (no BOS, no truncation), as SAELens does."""
+    for value in values:
+        if chat:
+            conversation = [{"role": "user", "content": value}] if isinstance(value, str) else value
+            ids = model.tokenizer.apply_chat_template(conversation, tokenize=True, return_tensors="pt", return_dict=False)
+            yield ids[0]
+        else:
+            yield model.to_tokens(value, prepend_bos=False, truncate=False, move_to_device=False).squeeze(0)
+
+
+def count_rows(rows: Iterator[torch.Tensor], limit: int) -> int:
+    """How many rows the iterator yields, stopping at `limit`."""
+    return sum(1 for _ in itertools.islice(rows, limit))

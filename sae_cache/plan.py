@@ -1,0 +1,111 @@
+"""Every derived size of a run, from one pure function.
+
+Owns `CachePlan` and `make_plan`: rows, rows per buffer, buffers, tokens, bytes in memory and on
+disk. Nothing here touches a model, a dataset or the disk, so the plan can be shown (and checked
+against free disk space) before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from sae_cache.config import CacheActivationsRunnerConfig
+
+TOKEN_ID_BYTES = 4  # token_ids are stored as int32
+OFFSET_BYTES = 4  # Array2D stores list<list<...>>: one int32 offset per row and per position
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """The resolved sizes of one cache."""
+
+    hook_dims: dict[str, int]
+    context_size: int
+    sliced_context_size: int
+    n_rows: int
+    rows_per_buffer: int
+    n_buffers: int
+    itemsize: int
+    bytes_per_row: int
+    activation_bytes: int
+    disk_bytes: int
+    peak_disk_bytes: int
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens stored: rows times the sliced row length."""
+        return self.n_rows * self.sliced_context_size
+
+    @property
+    def tokens_per_buffer(self) -> int:
+        return self.rows_per_buffer * self.sliced_context_size
+
+    def rows_in_buffer(self, index: int) -> int:
+        """Rows of buffer `index`; the last buffer is trimmed to the exact row count."""
+        return min(self.rows_per_buffer, self.n_rows - index * self.rows_per_buffer)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "n_tokens": self.n_tokens, "tokens_per_buffer": self.tokens_per_buffer}
+
+    def describe(self) -> str:
+        """Human-readable summary shown before any work starts."""
+        hooks = ", ".join(f"{h} (d={d})" for h, d in self.hook_dims.items())
+        return "\n".join(
+            [
+                f"hooks:              {hooks}",
+                f"rows x length:      {self.n_rows:,} x {self.sliced_context_size} "
+                f"(context {self.context_size}) = {self.n_tokens:,} tokens",
+                f"buffers:            {self.n_buffers} of {self.rows_per_buffer:,} rows "
+                f"({self.tokens_per_buffer:,} tokens, {_gb(self.rows_per_buffer * self.bytes_per_row)})",
+                f"activation bytes:   {_gb(self.activation_bytes)}",
+                f"disk (final/peak):  {_gb(self.disk_bytes)} / {_gb(self.peak_disk_bytes)}",
+            ]
+        )
+
+
+def make_plan(cfg: CacheActivationsRunnerConfig, *, context_size: int, hook_dims: dict[str, int]) -> CachePlan:
+    """Resolve the sizes of a run from the config and what the model and data told us."""
+    length = len(range(context_size)[slice(*cfg.seqpos_slice)])
+    if length == 0:
+        raise ValueError(f"seqpos_slice={cfg.seqpos_slice!r} selects no position of context_size={context_size}.")
+    n_rows = cfg.training_tokens // length
+    if n_rows < 1:
+        raise ValueError(
+            f"training_tokens={cfg.training_tokens} is less than one row of {length} tokens: increase training_tokens."
+        )
+    itemsize = np.dtype(cfg.dtype).itemsize
+    act_bytes_per_row = sum(length * d * itemsize for d in hook_dims.values())
+    overhead_per_row = length * TOKEN_ID_BYTES + len(hook_dims) * (length + 1) * OFFSET_BYTES
+    bytes_per_row = act_bytes_per_row + overhead_per_row
+    rows_per_buffer = _rows_per_buffer(cfg, bytes_per_row)
+    disk_bytes = n_rows * bytes_per_row
+    # A shuffle keeps the unshuffled shards and its scratch copy until the shuffled cache is complete.
+    peak_disk_bytes = disk_bytes * (3 if cfg.shuffle else 1)
+    return CachePlan(
+        hook_dims=dict(hook_dims),
+        context_size=context_size,
+        sliced_context_size=length,
+        n_rows=n_rows,
+        rows_per_buffer=rows_per_buffer,
+        n_buffers=math.ceil(n_rows / rows_per_buffer),
+        itemsize=itemsize,
+        bytes_per_row=bytes_per_row,
+        activation_bytes=n_rows * act_bytes_per_row,
+        disk_bytes=disk_bytes,
+        peak_disk_bytes=peak_disk_bytes,
+    )
+
+
+def _rows_per_buffer(cfg: CacheActivationsRunnerConfig, bytes_per_row: int) -> int:
+    """Rows that fit in buffer_size_gb, a multiple of model_batch_size so buffers never split a batch."""
+    rows = max(1, int(cfg.buffer_size_gb * 1e9) // bytes_per_row)
+    if rows >= cfg.model_batch_size:
+        rows -= rows % cfg.model_batch_size
+    return rows
+
+
+def _gb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.3f} GB"

@@ -1,0 +1,252 @@
+"""The runner: orchestration only, every stage in its own module.
+
+`CacheActivationsRunner(cfg, override_dataset=None, model=None).run()` repairs what an interrupted
+swap left, resolves the plan (model, data, hook widths) and checks it before any forward pass, writes
+one shard per buffer into the run's temporary directory (resuming after the last complete shard
+when asked), consolidates or shuffles the shards into a staged cache, swaps it into place, pushes it
+to the Hub when asked, and returns the dataset as loaded from disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+
+from sae_cache import hub
+from sae_cache.arrow_format import cache_features, fingerprint_of, read_json, write_arrow_file, write_json_atomic
+from sae_cache.config import UNSET, CacheActivationsRunnerConfig
+from sae_cache.consolidate import (
+    RunPaths,
+    finish_staging,
+    is_complete_cache,
+    is_empty_dir,
+    remove_work,
+    repair_interrupted_swap,
+    reset_dir,
+    stage_shards,
+    swap_into_place,
+)
+from sae_cache.data import find_column, first_row, open_dataset, resolve_context_size, special_token_ids, token_rows
+from sae_cache.metadata import build_metadata, output_fields
+from sae_cache.model import check_hook_names, load_model, probe_hook_dims
+from sae_cache.plan import CachePlan, make_plan
+from sae_cache.shuffle import shuffle_shards
+from sae_cache.store import ActivationsStore, Buffer
+
+logger = logging.getLogger("sae_cache")
+DISK_MARGIN = 1.05
+
+
+@dataclass
+class _Resolved:
+    """What the model and the data told us, resolved once before any work."""
+
+    model: Any
+    dataset: Any
+    column: Any
+    plan: CachePlan
+
+
+class CacheActivationsRunner:
+    """Caches the activations described by a CacheActivationsRunnerConfig to disk."""
+
+    def __init__(self, cfg: CacheActivationsRunnerConfig, override_dataset: Any = None, model: Any = None) -> None:
+        self.cfg = cfg
+        self.override_dataset = override_dataset
+        self._model = model
+        self._resolved: _Resolved | None = None
+        self.paths = RunPaths(Path(cfg.new_cached_activations_path))  # type: ignore[arg-type]
+
+    @property
+    def plan(self) -> CachePlan:
+        """The resolved plan (loads the model and peeks at the data on first use)."""
+        return self._resolve().plan
+
+    def __str__(self) -> str:
+        return f"sae_cache run -> {self.paths.out}\n{self.plan.describe()}"
+
+    @torch.no_grad()
+    def run(self) -> datasets.Dataset:
+        """Cache the activations and return the finished cache as loaded from disk."""
+        started = time.perf_counter()
+        self._check_output_dir()
+        resolved = self._resolve()
+        self._check_disk_space(resolved.plan)
+        logger.info("%s", self)
+        shard_files = self._write_shards(resolved)
+        stats = self._stats
+        self._publish(resolved.plan, shard_files, stats)
+        remove_work(self.paths)
+        if self.cfg.hf_repo_id:
+            hub.push_cache(self.paths.out, self.cfg)
+        self.elapsed_s = time.perf_counter() - started
+        return datasets.load_from_disk(str(self.paths.out))
+
+    # -- resolution and checks (before any forward pass) -------------------------------------------
+
+    def _resolve(self) -> _Resolved:
+        if self._resolved is not None:
+            return self._resolved
+        cfg = self.cfg
+        dataset = open_dataset(cfg, self.override_dataset)
+        column = find_column(first_row(dataset), chat=cfg.use_chat_formatting)
+        context_size = resolve_context_size(cfg, column, first_row(dataset))
+        model = self._model if self._model is not None else load_model(cfg)
+        check_hook_names(model, cfg.hook_names)
+        self._check_model_context(model, context_size)
+        hook_dims = probe_hook_dims(model, cfg.hook_names)
+        self._check_d_in(hook_dims)
+        plan = make_plan(cfg, context_size=context_size, hook_dims=hook_dims)
+        self._resolved = _Resolved(model=model, dataset=dataset, column=column, plan=plan)
+        return self._resolved
+
+    def _check_model_context(self, model: Any, context_size: int) -> None:
+        n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+        if n_ctx is not None and context_size > n_ctx:
+            raise ValueError(f"context_size={context_size} exceeds the model's n_ctx={n_ctx}: set context_size <= {n_ctx}.")
+
+    def _check_d_in(self, hook_dims: dict[str, int]) -> None:
+        if self.cfg.d_in == UNSET:
+            return
+        wrong = {h: d for h, d in hook_dims.items() if d != self.cfg.d_in}
+        if wrong:
+            raise ValueError(f"d_in={self.cfg.d_in} but the model's hooks have widths {wrong}: set d_in to match, or -1.")
+
+    def _check_output_dir(self) -> None:
+        out = self.paths.out
+        repaired = repair_interrupted_swap(out)
+        if repaired:
+            logger.warning("%s", repaired)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"new_cached_activations_path={str(out)!r} is a file: choose a directory path.")
+        if out.exists() and not is_empty_dir(out) and not self.cfg.overwrite:
+            what = "a finished cache" if is_complete_cache(out) else "other files"
+            raise ValueError(f"{out} already holds {what}: pass overwrite=True to replace it, or choose another path.")
+        if self.paths.work.exists() and not (self.cfg.resume or self.cfg.overwrite):
+            raise ValueError(
+                f"{self.paths.work} holds an interrupted run: pass resume=True to continue it or overwrite=True to start over."
+            )
+
+    def _check_disk_space(self, plan: CachePlan) -> None:
+        anchor = self.paths.out
+        while not anchor.exists():
+            anchor = anchor.parent
+        free = shutil.disk_usage(anchor).free
+        needed = int(plan.peak_disk_bytes * DISK_MARGIN)
+        if free < needed:
+            raise OSError(
+                f"not enough disk space at {anchor}: the cache needs up to {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB "
+                "are free. Lower training_tokens, use dtype='float16', or choose another new_cached_activations_path."
+            )
+
+    # -- shards -------------------------------------------------------------------------------------
+
+    def _write_shards(self, resolved: _Resolved) -> list[Path]:
+        plan = resolved.plan
+        done = self._start_work(plan)
+        store = self._make_store(resolved)
+        resume_from = self._read_manifest(done - 1) if done else {"next_batch": 0, "next_skip": 0, "stats": {}}
+        store.restore_stats(resume_from["stats"])
+        self._stats = resume_from["stats"]
+        features = cache_features(plan.hook_dims, plan.sliced_context_size, self.cfg.dtype)
+        progress = tqdm(total=plan.n_tokens, initial=done * plan.tokens_per_buffer, unit="tok", desc="Caching", unit_scale=True)
+        with progress:
+            for buffer in store.buffers(resume_from["next_batch"], resume_from["next_skip"], start_index=done):
+                self._save_shard(buffer, features, store)
+                progress.update(buffer.n_rows * plan.sliced_context_size)
+        return [self._shard_path(i) for i in range(plan.n_buffers)]
+
+    def _start_work(self, plan: CachePlan) -> int:
+        """Create or reopen the run's work directory; return how many shards are already complete."""
+        identity = {"fields": output_fields(self.cfg), "plan": plan.to_dict()}
+        if self.paths.work.exists() and self.cfg.resume:
+            previous = read_json(self.paths.run_file) if self.paths.run_file.exists() else {}
+            changed = sorted(k for k in identity["fields"] if previous.get("fields", {}).get(k) != identity["fields"][k])
+            if changed or previous.get("plan") != identity["plan"]:
+                raise ValueError(
+                    f"cannot resume {self.paths.work}: the configuration changed in {changed or 'the resolved plan'}. "
+                    "Rerun with the original values, or pass overwrite=True to start over."
+                )
+            return self._count_complete_shards(plan)
+        reset_dir(self.paths.work)
+        self.paths.shards.mkdir()
+        write_json_atomic(self.paths.run_file, identity)
+        return 0
+
+    def _count_complete_shards(self, plan: CachePlan) -> int:
+        done = 0
+        while done < plan.n_buffers and self._manifest_path(done).exists():
+            done += 1
+        logger.info("resuming after %d complete shard(s) of %d", done, plan.n_buffers)
+        return done
+
+    def _make_store(self, resolved: _Resolved) -> ActivationsStore:
+        cfg = self.cfg
+        context_size = resolved.plan.context_size
+        rows = token_rows(resolved.dataset, resolved.column, model=resolved.model, cfg=cfg, context_size=context_size)
+        tokenizer = getattr(resolved.model, "tokenizer", None)
+        return ActivationsStore(
+            resolved.model,
+            rows,
+            resolved.plan,
+            batch_size=cfg.model_batch_size,
+            seqpos_slice=cfg.seqpos_slice,
+            dtype=cfg.dtype,
+            autocast=cfg.autocast_lm,
+            model_kwargs=cfg.model_kwargs,
+            exclude_token_ids=special_token_ids(cfg, tokenizer),
+            fp16_overflow=cfg.fp16_overflow,
+        )
+
+    def _shard_path(self, index: int) -> Path:
+        return self.paths.shards / f"shard_{index:05d}.arrow"
+
+    def _manifest_path(self, index: int) -> Path:
+        return self.paths.shards / f"shard_{index:05d}.json"
+
+    def _read_manifest(self, index: int) -> dict:
+        return read_json(self._manifest_path(index))
+
+    def _save_shard(self, buffer: Buffer, features, store: ActivationsStore) -> None:
+        """Write the shard, then its manifest: a shard counts as complete only once its manifest exists."""
+        path = self._shard_path(buffer.index)
+        partial = path.with_name(path.name + ".partial")
+        write_arrow_file(partial, features, buffer.columns)
+        partial.replace(path)
+        self._stats = {h: asdict(s) for h, s in store.stats.items()}
+        manifest = {"rows": buffer.n_rows, "next_batch": buffer.next_batch, "next_skip": buffer.next_skip, "stats": self._stats}
+        write_json_atomic(self._manifest_path(buffer.index), manifest)
+
+    # -- publishing ---------------------------------------------------------------------------------
+
+    def _publish(self, plan: CachePlan, shard_files: list[Path], stats: dict) -> None:
+        cfg = self.cfg
+        features = cache_features(plan.hook_dims, plan.sliced_context_size, cfg.dtype)
+        staging = self.paths.staging
+        if cfg.shuffle:
+            reset_dir(staging)
+            names = shuffle_shards(
+                shard_files,
+                features=features,
+                seed=cfg.seed,
+                across_sequences=cfg.shuffle_across_sequences,
+                rows_per_file=plan.rows_per_buffer,
+                n_rows=plan.n_rows,
+                scratch=self.paths.scratch,
+                out_dir=staging,
+                bucket_bytes=plan.rows_per_buffer * plan.bytes_per_row // 4,
+            )
+        else:
+            names = stage_shards(shard_files, staging)
+        tokenizer = getattr(self._resolve().model, "tokenizer", None)
+        metadata = build_metadata(cfg, plan, stats=stats, tokenizer=tokenizer)
+        finish_staging(staging, features, names, fingerprint_of({"fields": output_fields(cfg), "plan": plan.to_dict()}), metadata)
+        swap_into_place(staging, self.paths.out)

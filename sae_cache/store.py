@@ -1,0 +1,226 @@
+"""The activations store: token rows in, buffers of activations out (compute only).
+
+Owns batching token rows, one `capture` per batch, moving activations to host memory in the storage
+dtype, float16 overflow detection, per-hook statistics, and cutting the stream into buffers of
+exactly `plan.rows_in_buffer(i)` rows. With `exclude_token_ids`, the excluded tokens' positions are
+dropped and the kept positions are packed into rows (only used when positions are later shuffled
+across sequences). It knows nothing of files.
+
+Every buffer records where the next one starts in the stream of batches (`next_batch`, `next_skip`),
+so a resumed run recomputes exactly the same batches and produces identical bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sae_cache.arrow_format import TOKEN_IDS
+from sae_cache.model import capture, model_device
+from sae_cache.plan import CachePlan
+
+
+class Float16OverflowError(ValueError):
+    """float16 storage would turn finite activations into inf."""
+
+
+@dataclass
+class Buffer:
+    """One buffer of rows: numpy columns (hooks and token_ids) plus where the stream goes on."""
+
+    index: int
+    columns: dict[str, np.ndarray]
+    next_batch: int
+    next_skip: int
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.columns[TOKEN_IDS])
+
+
+@dataclass
+class HookStats:
+    """Running statistics of one hook's activations (computed in float32 before storage)."""
+
+    n_tokens: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    total_norm: float = 0.0
+    max_abs: float = 0.0
+    n_inf_after_cast: int = 0
+
+    def update(self, acts: torch.Tensor) -> None:
+        flat = acts.float().reshape(-1, acts.shape[-1])
+        self.n_tokens += flat.shape[0]
+        self.total += flat.sum().item()
+        self.total_sq += flat.square().sum().item()
+        self.total_norm += flat.norm(dim=-1).sum().item()
+        self.max_abs = max(self.max_abs, flat.abs().max().item() if flat.numel() else 0.0)
+
+    def to_dict(self, d: int) -> dict:
+        n = max(self.n_tokens * d, 1)
+        mean = self.total / n
+        return {
+            "tokens_seen": self.n_tokens,
+            "mean": mean,
+            "std": max(self.total_sq / n - mean * mean, 0.0) ** 0.5,
+            "mean_norm": self.total_norm / max(self.n_tokens, 1),
+            "max_abs": self.max_abs,
+            "inf_after_cast": self.n_inf_after_cast,
+        }
+
+
+@dataclass
+class _Chunk:
+    """Output units (rows or kept positions) of one batch, on the host."""
+
+    batch: int
+    acts: dict[str, torch.Tensor]
+    tokens: torch.Tensor
+    stats: dict[str, HookStats] = field(default_factory=dict)
+
+
+class ActivationsStore:
+    """Turns token rows into host buffers of activations for the hooks of a plan."""
+
+    def __init__(
+        self,
+        model,
+        token_rows: Iterator[torch.Tensor],
+        plan: CachePlan,
+        *,
+        batch_size: int,
+        seqpos_slice: tuple[int | None, ...] = (None,),
+        dtype: str = "float32",
+        autocast: bool = False,
+        model_kwargs: dict | None = None,
+        exclude_token_ids: list[int] | None = None,
+        fp16_overflow: str = "error",
+    ) -> None:
+        self.model = model
+        self.token_rows = token_rows
+        self.plan = plan
+        self.batch_size = batch_size
+        self.positions = slice(*seqpos_slice)
+        self.storage_dtype = getattr(torch, dtype)
+        self.autocast = autocast
+        self.model_kwargs = model_kwargs or {}
+        self.exclude = None if exclude_token_ids is None else torch.tensor(sorted(exclude_token_ids))
+        self.fp16_overflow = fp16_overflow
+        self.hooks = list(plan.hook_dims)
+        self.stats = {h: HookStats() for h in self.hooks}
+
+    def restore_stats(self, raw: dict[str, dict]) -> None:
+        """Continue the statistics of an interrupted run (raw HookStats fields per hook)."""
+        self.stats.update({hook: HookStats(**fields) for hook, fields in raw.items()})
+
+    def buffers(self, start_batch: int = 0, start_skip: int = 0, start_index: int = 0) -> Iterator[Buffer]:
+        """Yield buffers start_index.. of the plan; the stream starts at batch start_batch, skipping start_skip units."""
+        chunks = self._chunks(start_batch)
+        pending: list[_Chunk] = []
+        skip = start_skip
+        for index in range(start_index, self.plan.n_buffers):
+            rows = self.plan.rows_in_buffer(index)
+            columns, pending, skip = self._fill(rows, chunks, pending, skip)
+            next_batch, next_skip = (pending[0].batch, skip) if pending else (self._batches_done, 0)
+            yield Buffer(index=index, columns=columns, next_batch=next_batch, next_skip=next_skip)
+
+    def _fill(self, rows: int, chunks: Iterator[_Chunk], pending: list[_Chunk], skip: int):
+        """Take `rows` rows from pending chunks then new ones; return columns, leftover chunks and skip."""
+        length = self.plan.sliced_context_size
+        units_needed = rows * (length if self.exclude is not None else 1)
+        parts: list[tuple[_Chunk, int, int]] = []
+        got = 0
+        while got < units_needed:
+            if not pending:
+                try:
+                    pending.append(next(chunks))
+                except StopIteration:
+                    raise ValueError(
+                        f"the dataset ran out while filling buffer rows ({got} of {units_needed} units in this "
+                        "buffer): lower training_tokens or use a larger dataset."
+                    ) from None
+            chunk = pending[0]
+            available = len(chunk.tokens) - skip
+            take = min(available, units_needed - got)
+            parts.append((chunk, skip, skip + take))
+            got += take
+            if take == available:
+                pending.pop(0)
+                skip = 0
+            else:
+                skip += take
+        return self._assemble(parts, rows), pending, skip
+
+    def _assemble(self, parts: list[tuple[_Chunk, int, int]], rows: int) -> dict[str, np.ndarray]:
+        length = self.plan.sliced_context_size
+        columns = {}
+        for hook in self.hooks:
+            acts = torch.cat([c.acts[hook][s:e] for c, s, e in parts])
+            columns[hook] = acts.reshape(rows, length, -1).numpy()
+        tokens = torch.cat([c.tokens[s:e] for c, s, e in parts])
+        columns[TOKEN_IDS] = tokens.reshape(rows, length).to(torch.int32).numpy()
+        return columns
+
+    def _chunks(self, start_batch: int) -> Iterator[_Chunk]:
+        """Host chunks of every batch from start_batch on (rows, or kept positions when excluding)."""
+        rows = iter(self.token_rows)
+        if start_batch:
+            consumed = sum(1 for _ in itertools.islice(rows, start_batch * self.batch_size))
+            if consumed < start_batch * self.batch_size:
+                raise ValueError("the dataset is shorter than the part already cached: it changed since the first run.")
+        self._batches_done = start_batch
+        for batch_index in itertools.count(start_batch):
+            batch = list(itertools.islice(rows, self.batch_size))
+            if not batch:
+                return
+            chunk = self._compute(batch_index, torch.stack(batch))
+            self._batches_done = batch_index + 1
+            yield chunk
+
+    @torch.no_grad()
+    def _compute(self, batch_index: int, tokens_BL: torch.Tensor) -> _Chunk:
+        device = model_device(self.model)
+        acts = capture(
+            self.model,
+            tokens_BL.to(device),
+            self.hooks,
+            positions=self.positions,
+            autocast=self.autocast,
+            model_kwargs=self.model_kwargs,
+        )
+        tokens_BL = tokens_BL[:, self.positions]
+        keep = None
+        if self.exclude is not None:
+            keep = ~torch.isin(tokens_BL.reshape(-1), self.exclude)
+            tokens_BL = tokens_BL.reshape(-1)[keep]
+        host = {hook: self._to_host(hook, act, keep) for hook, act in acts.items()}
+        return _Chunk(batch=batch_index, acts=host, tokens=tokens_BL.cpu())
+
+    def _to_host(self, hook: str, acts_BLD: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Statistics, cast to the storage dtype (checking float16 range) and copy to the host."""
+        if keep is not None:
+            acts_BLD = acts_BLD.reshape(-1, acts_BLD.shape[-1])[keep.to(acts_BLD.device)]
+        self.stats[hook].update(acts_BLD)
+        stored = acts_BLD.to(self.storage_dtype)
+        if self.storage_dtype == torch.float16:
+            self._check_overflow(hook, acts_BLD, stored)
+        return stored.cpu()
+
+    def _check_overflow(self, hook: str, source: torch.Tensor, stored: torch.Tensor) -> None:
+        n_new_inf = int((torch.isinf(stored) & torch.isfinite(source)).sum())
+        if not n_new_inf:
+            return
+        self.stats[hook].n_inf_after_cast += n_new_inf
+        message = (
+            f"{n_new_inf} activations of hook {hook!r} exceed the float16 range (|x| > 65504) and became inf. "
+            "Store in float32 (dtype='float32'), or set fp16_overflow='warn' to keep them as inf."
+        )
+        if self.fp16_overflow == "error":
+            raise Float16OverflowError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)

@@ -1,0 +1,77 @@
+"""Shared offline fixtures: a tiny tokenizer trained in-process, a tiny random HookedTransformer, small datasets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from datasets import Dataset
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from sae_cache import CacheActivationsRunnerConfig
+from sae_cache.demo.tokenizer import train_bpe_tokenizer, wrap_tokenizer
+
+WORDS = (
+    "the a sparse autoencoder learns features from activations of language models cached on disk "
+    "researchers train many dictionaries one model pass shuffle rows seed buffer shard arrow token "
+    "river mountain quickly slowly blue green seven eleven paris london because although"
+).split()
+
+
+def make_texts(n: int, seed: int = 0) -> list[str]:
+    """Varied English-like sentences of different lengths (deterministic)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return wrap_tokenizer(train_bpe_tokenizer(make_texts(300, seed=1), vocab_size=300))
+
+
+@pytest.fixture(scope="session")
+def model(tokenizer):
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64,
+        d_vocab=len(tokenizer), act_fn="gelu", normalization_type="LN", seed=0,
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def text_dataset():
+    return Dataset.from_dict({"text": make_texts(400)})
+
+
+@pytest.fixture(scope="session")
+def token_dataset():
+    g = torch.Generator().manual_seed(0)
+    return Dataset.from_dict({"input_ids": torch.randint(4, 300, (200, 24), generator=g).tolist()})
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """A config for the tiny model with small sizes; keyword arguments override any field."""
+
+    def make(**overrides) -> CacheActivationsRunnerConfig:
+        fields = dict(
+            dataset_path="unused-override-given",
+            model_name="tiny",
+            model_batch_size=4,
+            hook_name="blocks.1.hook_resid_post",
+            d_in=32,
+            training_tokens=16 * 40,
+            context_size=16,
+            new_cached_activations_path=str(tmp_path / "cache"),
+            shuffle=False,
+            device="cpu",
+            buffer_size_gb=16 * 10 * 32 * 4 / 1e9 * 1.01,  # about ten rows per buffer
+        )
+        fields.update(overrides)
+        return CacheActivationsRunnerConfig(**fields)
+
+    return make
