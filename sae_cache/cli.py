@@ -1,0 +1,187 @@
+"""Command line: `python -m sae_cache [flags]` caches; `python -m sae_cache info DIR` describes a cache.
+
+Owns parsing only: every config field becomes a flag whose help is the field's docstring (read with
+simple_parsing's docstring helper), `--config FILE` loads fields from YAML or JSON (flags override
+it), and every invalid input exits with code 2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from simple_parsing.docstring import get_attribute_docstring
+
+from sae_cache.config import CacheActivationsRunnerConfig
+
+_NONE = ("none", "null")
+
+
+class CliError(ValueError):
+    """Invalid command-line input."""
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes", "y"):
+        return True
+    if lowered in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(parse):
+    def parse_optional(text: str):
+        return None if text.lower() in _NONE else parse(text)
+
+    parse_optional.__name__ = parse.__name__
+    return parse_optional
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected JSON, got {text!r} ({e.msg})") from None
+
+
+def _int_or_none(text: str) -> int | None:
+    return None if text.lower() in _NONE else int(text)
+
+
+def _exclude(text: str) -> bool | list[int]:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return [int(t) for t in text.strip("[]").split(",") if t.strip()]
+
+
+# Fields whose annotation is not a plain type get their own parser; the rest follow the annotation.
+_SPECIAL: dict[str, dict[str, Any]] = {
+    "hook_name": {"type": str, "metavar": "HOOK[,HOOK...]"},
+    "seqpos_slice": {"type": _int_or_none, "nargs": "+", "metavar": "START_STOP_STEP"},
+    "sequence_separator_token": {"type": _optional(str), "metavar": "bos|eos|sep|ID|none"},
+    "exclude_special_tokens": {"type": _exclude, "metavar": "true|false|ID,ID"},
+    "model_kwargs": {"type": _json, "metavar": "JSON"},
+    "model_from_pretrained_kwargs": {"type": _json, "metavar": "JSON"},
+}
+_BY_ANNOTATION = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": _bool,
+    "str | None": _optional(str),
+    "int | None": _optional(int),
+    "bool | None": _optional(_bool),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sae_cache",
+        description="Cache a language model's activations to disk for SAE training (SAELens-compatible). "
+        "The defaults name the bundled demo model and text: `python -m sae_cache --context_size 128` runs offline.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of config fields; flags override it.")
+    parser.add_argument("--quiet", action="store_true", help="Only print the summary.")
+    for f in dataclasses.fields(CacheActivationsRunnerConfig):
+        options = _SPECIAL.get(f.name) or {"type": _BY_ANNOTATION[str(f.type)], "metavar": str(f.type).upper()}
+        help_text = get_attribute_docstring(CacheActivationsRunnerConfig, f.name).docstring_below or ""
+        parser.add_argument(f"--{f.name}", help=help_text.replace("%", "%%"), **options)
+    return parser
+
+
+def parse_config(argv: list[str]) -> tuple[CacheActivationsRunnerConfig, argparse.Namespace]:
+    """The config from an optional file plus flags; raises CliError on any invalid input."""
+    args = _ArgumentParser.wrap(build_parser()).parse_args(argv)
+    fields = _load_config_file(Path(args.config)) if hasattr(args, "config") else {}
+    names = {f.name for f in dataclasses.fields(CacheActivationsRunnerConfig)}
+    fields.update({k: v for k, v in vars(args).items() if k in names})
+    if "seqpos_slice" in fields:
+        fields["seqpos_slice"] = tuple(fields["seqpos_slice"])
+    try:
+        return CacheActivationsRunnerConfig(**fields), args
+    except (ValueError, TypeError) as e:
+        raise CliError(str(e)) from None
+
+
+def _load_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CliError(f"--config {path}: no such file.")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CliError(f"--config {path} is not valid YAML/JSON: {e}") from None
+    if not isinstance(loaded, dict):
+        raise CliError(f"--config {path} must hold a mapping of config fields.")
+    unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(CacheActivationsRunnerConfig)})
+    if unknown:
+        raise CliError(f"--config {path} has unknown fields {unknown}: see `python -m sae_cache --help`.")
+    return loaded
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises CliError instead of printing usage and exiting."""
+
+    @classmethod
+    def wrap(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.__class__ = cls
+        return parser
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CliError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["info"]:
+        from sae_cache.inspect import main as info_main
+
+        return info_main(argv[1:])
+    try:
+        cfg, args = parse_config(argv)
+    except CliError as e:
+        print(f"sae_cache: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s")
+    return _run(cfg)
+
+
+def _run(cfg: CacheActivationsRunnerConfig) -> int:
+    from sae_cache.runner import CacheActivationsRunner
+
+    runner = CacheActivationsRunner(cfg)
+    try:
+        print(runner, flush=True)
+        dataset = runner.run()
+    except (ValueError, OSError, TypeError) as e:
+        print(f"sae_cache: error: {e}", file=sys.stderr)
+        return 2
+    print(_summary(runner, dataset))
+    return 0
+
+
+def _summary(runner, dataset) -> str:
+    plan = runner.plan
+    hook = runner.cfg.hook_names[0]
+    tokens_per_s = plan.n_tokens / max(runner.elapsed_s, 1e-9)
+    return "\n".join(
+        [
+            f"done: {runner.paths.out}",
+            f"  rows {len(dataset):,} x {plan.sliced_context_size} tokens, {plan.disk_bytes / 1e9:.3f} GB, "
+            f"{runner.elapsed_s:.1f} s, {tokens_per_s:,.0f} tok/s",
+            "train an SAE with SAELens from it (LanguageModelSAERunnerConfig):",
+            f"  use_cached_activations=True, cached_activations_path={str(runner.paths.out)!r},",
+            f"  hook_name={hook!r}, context_size={plan.sliced_context_size}, d_in={plan.hook_dims[hook]}",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
