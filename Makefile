@@ -20,7 +20,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m sae_cache --overwrite true --new_cached_activations_path $(DEMO_OUT)
+	$(PY) -m sae_cache --overwrite true --context_size 128 --new_cached_activations_path $(DEMO_OUT)
 
 bench: install
 	$(PY) -m benchmark.run_all

@@ -74,7 +74,8 @@ def probe_hook_dims(model: HookedRootModule, hook_names: list[str]) -> dict[str,
     tokens = torch.zeros((1, 2), dtype=torch.long, device=model_device(model))
     acts = capture(model, tokens, hook_names, flatten=False)
     dims = {}
-    for hook, act in acts.items():
+    for hook in hook_names:
+        act = acts[hook]
         if act.ndim < 3 or act.shape[:2] != (1, 2):
             raise ValueError(
                 f"hook {hook!r} gives activations of shape {tuple(act.shape)} for a (1, 2) batch of tokens; "

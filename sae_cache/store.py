@@ -45,7 +45,7 @@ class Buffer:
 
 @dataclass
 class HookStats:
-    """Running statistics of one hook's activations (computed in float32 before storage)."""
+    """Running statistics of one hook's stored activations (computed in float32 before the cast)."""
 
     n_tokens: int = 0
     total: float = 0.0
@@ -54,13 +54,34 @@ class HookStats:
     max_abs: float = 0.0
     n_inf_after_cast: int = 0
 
-    def update(self, acts: torch.Tensor) -> None:
-        flat = acts.float().reshape(-1, acts.shape[-1])
-        self.n_tokens += flat.shape[0]
-        self.total += flat.sum().item()
-        self.total_sq += flat.square().sum().item()
-        self.total_norm += flat.norm(dim=-1).sum().item()
-        self.max_abs = max(self.max_abs, flat.abs().max().item() if flat.numel() else 0.0)
+    @staticmethod
+    def per_unit(acts: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        """Per stored unit (row or position): tokens, sum, sum of squares, sum of norms, max |x|, new infs."""
+        flat = acts.float().reshape(acts.shape[0], -1, acts.shape[-1])
+        new_inf = torch.isinf(stored) & torch.isfinite(acts)
+        return torch.stack(
+            [
+                torch.full((flat.shape[0],), flat.shape[1], dtype=torch.float32, device=flat.device),
+                flat.sum((1, 2)),
+                flat.square().sum((1, 2)),
+                flat.norm(dim=-1).sum(1),
+                flat.abs().amax((1, 2)),
+                new_inf.reshape(flat.shape[0], -1).sum(1).float(),
+            ],
+            dim=1,
+        ).double()
+
+    def add(self, units: torch.Tensor) -> None:
+        """Add the per-unit summaries of the units that were stored."""
+        if not len(units):
+            return
+        tokens, total, total_sq, total_norm, _, infs = units.sum(0).tolist()
+        self.n_tokens += int(tokens)
+        self.total += total
+        self.total_sq += total_sq
+        self.total_norm += total_norm
+        self.max_abs = max(self.max_abs, units[:, 4].max().item())
+        self.n_inf_after_cast += int(infs)
 
     def to_dict(self, d: int) -> dict:
         n = max(self.n_tokens * d, 1)
@@ -82,7 +103,7 @@ class _Chunk:
     batch: int
     acts: dict[str, torch.Tensor]
     tokens: torch.Tensor
-    stats: dict[str, HookStats] = field(default_factory=dict)
+    unit_stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ActivationsStore:
@@ -161,6 +182,7 @@ class ActivationsStore:
         length = self.plan.sliced_context_size
         columns = {}
         for hook in self.hooks:
+            self.stats[hook].add(torch.cat([c.unit_stats[hook][s:e] for c, s, e in parts]))
             acts = torch.cat([c.acts[hook][s:e] for c, s, e in parts])
             columns[hook] = acts.reshape(rows, length, -1).numpy()
         tokens = torch.cat([c.tokens[s:e] for c, s, e in parts])
@@ -199,24 +221,20 @@ class ActivationsStore:
         if self.exclude is not None:
             keep = ~torch.isin(tokens_BL.reshape(-1), self.exclude)
             tokens_BL = tokens_BL.reshape(-1)[keep]
-        host = {hook: self._to_host(hook, act, keep) for hook, act in acts.items()}
-        return _Chunk(batch=batch_index, acts=host, tokens=tokens_BL.cpu())
+        chunk = _Chunk(batch=batch_index, acts={}, tokens=tokens_BL.cpu())
+        for hook, act in acts.items():
+            if keep is not None:
+                act = act.reshape(-1, act.shape[-1])[keep.to(act.device)]
+            stored = act.to(self.storage_dtype)
+            chunk.unit_stats[hook] = HookStats.per_unit(act, stored).cpu()
+            self._check_overflow(hook, chunk.unit_stats[hook])
+            chunk.acts[hook] = stored.cpu()
+        return chunk
 
-    def _to_host(self, hook: str, acts_BLD: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """Statistics, cast to the storage dtype (checking float16 range) and copy to the host."""
-        if keep is not None:
-            acts_BLD = acts_BLD.reshape(-1, acts_BLD.shape[-1])[keep.to(acts_BLD.device)]
-        self.stats[hook].update(acts_BLD)
-        stored = acts_BLD.to(self.storage_dtype)
-        if self.storage_dtype == torch.float16:
-            self._check_overflow(hook, acts_BLD, stored)
-        return stored.cpu()
-
-    def _check_overflow(self, hook: str, source: torch.Tensor, stored: torch.Tensor) -> None:
-        n_new_inf = int((torch.isinf(stored) & torch.isfinite(source)).sum())
+    def _check_overflow(self, hook: str, unit_stats: torch.Tensor) -> None:
+        n_new_inf = int(unit_stats[:, 5].sum())
         if not n_new_inf:
             return
-        self.stats[hook].n_inf_after_cast += n_new_inf
         message = (
             f"{n_new_inf} activations of hook {hook!r} exceed the float16 range (|x| > 65504) and became inf. "
             "Store in float32 (dtype='float32'), or set fp16_overflow='warn' to keep them as inf."

@@ -12,6 +12,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from sae_cache import CacheActivationsRunnerConfig
 from sae_cache.demo.tokenizer import train_bpe_tokenizer, wrap_tokenizer
 
+torch.set_num_threads(1)  # tiny matmuls: threads only add contention
+
 WORDS = (
     "the a sparse autoencoder learns features from activations of language models cached on disk "
     "researchers train many dictionaries one model pass shuffle rows seed buffer shard arrow token "
@@ -23,6 +25,9 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
     """Varied English-like sentences of different lengths (deterministic)."""
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60))) + "." for _ in range(n)]
+
+
+ROW_BYTES = 16 * 32 * 4 + 16 * 4 + 17 * 4  # one row of the default hook: activations, token ids, offsets
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +66,7 @@ def make_cfg(tmp_path):
         fields = dict(
             dataset_path="unused-override-given",
             model_name="tiny",
-            model_batch_size=4,
+            model_batch_size=5,
             hook_name="blocks.1.hook_resid_post",
             d_in=32,
             training_tokens=16 * 40,
@@ -69,7 +74,7 @@ def make_cfg(tmp_path):
             new_cached_activations_path=str(tmp_path / "cache"),
             shuffle=False,
             device="cpu",
-            buffer_size_gb=16 * 10 * 32 * 4 / 1e9 * 1.01,  # about ten rows per buffer
+            buffer_size_gb=10 * ROW_BYTES * 1.001 / 1e9,  # ten rows of one float32 hook per buffer
         )
         fields.update(overrides)
         return CacheActivationsRunnerConfig(**fields)
