@@ -89,6 +89,8 @@ def resolve_context_size(cfg: CacheActivationsRunnerConfig, column: InputColumn,
         return cfg.context_size
     if cfg.context_size == UNSET:
         raise ValueError(f"the dataset holds raw text (column {column.name!r}): set context_size (e.g. 128).")
+    if cfg.context_size == 1 and cfg.prepend_bos and not cfg.disable_concat_sequences:
+        raise ValueError("context_size=1 with prepend_bos=True leaves no room for text (every row would be BOS): raise context_size.")
     return cfg.context_size
 
 

@@ -1,0 +1,135 @@
+"""The on-disk shuffle: rows (or positions) in a seeded uniform random order, on disk, in bounded memory."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sae_cache import CacheActivationsRunner
+from sae_cache.shuffle import item_keys
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def cache(cfg, dataset, model):
+    ds = CacheActivationsRunner(cfg, override_dataset=dataset, model=model).run().with_format("torch")[:]
+    return ds[HOOK], ds["token_ids"]
+
+
+def files_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.arrow")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def row_keys(acts: torch.Tensor, tokens: torch.Tensor) -> list[bytes]:
+    return [a.numpy().tobytes() + t.numpy().tobytes() for a, t in zip(acts, tokens)]
+
+
+def pair_keys(acts: torch.Tensor, tokens: torch.Tensor) -> list[bytes]:
+    return sorted(row_keys(acts.reshape(-1, acts.shape[-1]), tokens.reshape(-1, 1)))
+
+
+@pytest.fixture
+def plain(model, text_dataset, make_cfg, tmp_path):
+    return cache(make_cfg(new_cached_activations_path=str(tmp_path / "plain")), text_dataset, model)
+
+
+def test_shuffled_rows_are_a_permutation_in_a_new_order(model, text_dataset, make_cfg, plain):
+    cfg = make_cfg(shuffle=True)
+    acts, tokens = cache(cfg, text_dataset, model)
+    assert sorted(row_keys(acts, tokens)) == sorted(row_keys(*plain))
+    assert row_keys(acts, tokens) != row_keys(*plain)
+    # What the runner returned is what the files hold, in the same order.
+    from datasets import load_from_disk
+
+    disk = load_from_disk(cfg.new_cached_activations_path).with_format("torch")[:]
+    assert torch.equal(disk[HOOK], acts) and torch.equal(disk["token_ids"], tokens)
+
+
+def test_same_seed_same_bytes_other_seed_other_order(model, text_dataset, make_cfg, tmp_path):
+    a = make_cfg(shuffle=True, seed=3, new_cached_activations_path=str(tmp_path / "a"))
+    b = make_cfg(shuffle=True, seed=3, new_cached_activations_path=str(tmp_path / "b"))
+    c = make_cfg(shuffle=True, seed=4, new_cached_activations_path=str(tmp_path / "c"))
+    _, tokens_a = cache(a, text_dataset, model)
+    _, tokens_b = cache(b, text_dataset, model)
+    _, tokens_c = cache(c, text_dataset, model)
+    assert files_digest(a.new_cached_activations_path) == files_digest(b.new_cached_activations_path)
+    assert torch.equal(tokens_a, tokens_b)
+    assert not torch.equal(tokens_a, tokens_c)
+
+
+@pytest.mark.parametrize("across", [False, True])
+def test_order_does_not_depend_on_buffer_size(model, text_dataset, make_cfg, tmp_path, across):
+    small = make_cfg(shuffle=True, shuffle_across_sequences=across, new_cached_activations_path=str(tmp_path / "s"))
+    big = make_cfg(
+        shuffle=True, shuffle_across_sequences=across, buffer_size_gb=small.buffer_size_gb * 3, new_cached_activations_path=str(tmp_path / "b")
+    )
+    acts_s, tokens_s = cache(small, text_dataset, model)
+    acts_b, tokens_b = cache(big, text_dataset, model)
+    assert torch.equal(tokens_s, tokens_b)
+    assert torch.equal(acts_s, acts_b)
+
+
+def test_across_sequences_keeps_each_activation_with_its_token(model, text_dataset, make_cfg, plain):
+    acts, tokens = cache(make_cfg(shuffle=True, shuffle_across_sequences=True), text_dataset, model)
+    assert pair_keys(acts, tokens) == pair_keys(*plain)
+    # Rows now mix positions of many sequences: no stored row is an original row.
+    original = set(row_keys(*plain))
+    assert not any(k in original for k in row_keys(acts, tokens))
+
+
+def test_exclude_special_tokens_drops_them_before_packing(model, text_dataset, make_cfg, tmp_path):
+    bos = model.tokenizer.bos_token_id
+    cfg = make_cfg(shuffle=True, shuffle_across_sequences=True, exclude_special_tokens=[bos])
+    acts, tokens = cache(cfg, text_dataset, model)
+    assert tokens.shape == (40, 16) and not (tokens == bos).any()
+    # Ground truth: the first 640 non-BOS positions of the unshuffled stream.
+    long = make_cfg(training_tokens=16 * 80, new_cached_activations_path=str(tmp_path / "long"))
+    plain_acts, plain_tokens = cache(long, text_dataset, model)
+    keep = plain_tokens.reshape(-1) != bos
+    kept_acts = plain_acts.reshape(-1, 32)[keep][: 40 * 16]
+    kept_tokens = plain_tokens.reshape(-1)[keep][: 40 * 16]
+    assert pair_keys(acts, tokens) == pair_keys(kept_acts, kept_tokens)
+
+
+def test_exclude_true_uses_the_tokenizer_special_tokens(model, text_dataset, make_cfg):
+    _, tokens = cache(make_cfg(shuffle=True, shuffle_across_sequences=True, exclude_special_tokens=True), text_dataset, model)
+    special = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id, model.tokenizer.sep_token_id}
+    assert not set(tokens.unique().tolist()) & special
+
+
+def test_item_keys_depend_only_on_the_item_index():
+    whole = item_keys(7, 0, 200_000)
+    parts = np.concatenate([item_keys(7, 0, 65_000), item_keys(7, 65_000, 131_072), item_keys(7, 131_072, 200_000)])
+    assert np.array_equal(whole, parts)
+    assert not np.array_equal(whole, item_keys(8, 0, 200_000))
+
+
+def test_shuffle_order_is_uniform():
+    """Position of item 0 after sorting 8 items by key, over many seeds: roughly uniform."""
+    counts = np.zeros(8)
+    for seed in range(4000):
+        counts[np.argsort(item_keys(seed, 0, 8), kind="stable").tolist().index(0)] += 1
+    expected = 4000 / 8
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 24.3  # p = 0.001 for 7 degrees of freedom
+
+
+def test_gather_holds_about_one_bucket(model, text_dataset, make_cfg, monkeypatch):
+    """The shuffle never loads more than one bucket of items at once (memory bounded by the buffer)."""
+    from sae_cache import shuffle as shuffle_module
+
+    largest = []
+    real_fromfile = np.fromfile
+    monkeypatch.setattr(shuffle_module.np, "fromfile", lambda *a, **k: largest.append(real_fromfile(*a, **k).nbytes) or real_fromfile(*a, **k))
+    cfg = make_cfg(shuffle=True, training_tokens=16 * 200, buffer_size_gb=make_cfg().buffer_size_gb * 2)
+    CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model).run()
+    buffer_bytes = cfg.buffer_size_gb * 1e9
+    assert max(largest) < buffer_bytes  # a bucket is about a quarter of a buffer
+    assert sum(largest) > 200 * 16 * 32 * 4  # yet every activation went through the buckets
