@@ -8,7 +8,6 @@ and the pure packing functions of `sae_cache.tokenization`.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +93,26 @@ def resolve_context_size(cfg: CacheActivationsRunnerConfig, column: InputColumn,
     return cfg.context_size
 
 
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Token ids the packing and the exclusion use, resolved against the tokenizer before any work."""
+
+    bos: int | None
+    separator: int | None
+    excluded: list[int] | None
+
+
+def resolve_special_tokens(cfg: CacheActivationsRunnerConfig, tokenizer) -> SpecialTokens:
+    """BOS (when prepend_bos), the sequence separator and the excluded ids, each a clear error when missing."""
+    return SpecialTokens(
+        bos=tokenizer.bos_token_id if cfg.prepend_bos and tokenizer is not None else None,
+        separator=resolve_special_token(cfg.sequence_separator_token, tokenizer, field="sequence_separator_token")
+        if tokenizer is not None
+        else None,
+        excluded=special_token_ids(cfg, tokenizer),
+    )
+
+
 def token_rows(
     dataset: Dataset | IterableDataset,
     column: InputColumn,
@@ -101,21 +120,17 @@ def token_rows(
     model,
     cfg: CacheActivationsRunnerConfig,
     context_size: int,
+    special: SpecialTokens,
 ) -> Iterator[torch.Tensor]:
     """Token rows of exactly context_size tokens, as SAELens's ActivationsStore builds them."""
     values = (row[column.name] for row in dataset)
     if column.pretokenized:
         return truncate_pretokenized(values, context_size=context_size)
-    tokenizer = getattr(model, "tokenizer", None)
     return pack_sequences(
         _tokenize(values, model, chat=cfg.use_chat_formatting),
         context_size=context_size,
-        bos_token_id=tokenizer.bos_token_id if cfg.prepend_bos and tokenizer is not None else None,
-        separator_token_id=resolve_special_token(
-            cfg.sequence_separator_token, tokenizer, field="sequence_separator_token"
-        )
-        if tokenizer is not None
-        else None,
+        bos_token_id=special.bos,
+        separator_token_id=special.separator,
         disable_concat=cfg.disable_concat_sequences,
     )
 
@@ -141,8 +156,3 @@ def _tokenize(values: Iterator[Any], model, *, chat: bool) -> Iterator[torch.Ten
             yield ids[0]
         else:
             yield model.to_tokens(value, prepend_bos=False, truncate=False, move_to_device=False).squeeze(0)
-
-
-def count_rows(rows: Iterator[torch.Tensor], limit: int) -> int:
-    """How many rows the iterator yields, stopping at `limit`."""
-    return sum(1 for _ in itertools.islice(rows, limit))

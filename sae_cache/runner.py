@@ -9,6 +9,7 @@ to the Hub when asked, and returns the dataset as loaded from disk.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -34,7 +35,15 @@ from sae_cache.consolidate import (
     stage_shards,
     swap_into_place,
 )
-from sae_cache.data import find_column, first_row, open_dataset, resolve_context_size, special_token_ids, token_rows
+from sae_cache.data import (
+    SpecialTokens,
+    find_column,
+    first_row,
+    open_dataset,
+    resolve_context_size,
+    resolve_special_tokens,
+    token_rows,
+)
 from sae_cache.metadata import build_metadata, output_fields
 from sae_cache.model import check_hook_names, load_model, probe_hook_dims
 from sae_cache.plan import CachePlan, make_plan
@@ -52,6 +61,7 @@ class _Resolved:
     model: Any
     dataset: Any
     column: Any
+    special: SpecialTokens
     plan: CachePlan
 
 
@@ -104,8 +114,9 @@ class CacheActivationsRunner:
         self._check_model_context(model, context_size)
         hook_dims = probe_hook_dims(model, cfg.hook_names)
         self._check_d_in(hook_dims)
+        special = resolve_special_tokens(cfg, getattr(model, "tokenizer", None))
         plan = make_plan(cfg, context_size=context_size, hook_dims=hook_dims)
-        self._resolved = _Resolved(model=model, dataset=dataset, column=column, plan=plan)
+        self._resolved = _Resolved(model=model, dataset=dataset, column=column, special=special, plan=plan)
         return self._resolved
 
     def _check_model_context(self, model: Any, context_size: int) -> None:
@@ -166,7 +177,7 @@ class CacheActivationsRunner:
 
     def _start_work(self, plan: CachePlan) -> int:
         """Create or reopen the run's work directory; return how many shards are already complete."""
-        identity = {"fields": output_fields(self.cfg), "plan": plan.to_dict()}
+        identity = json.loads(json.dumps({"fields": output_fields(self.cfg), "plan": plan.to_dict()}, default=str))
         if self.paths.work.exists() and self.cfg.resume:
             previous = read_json(self.paths.run_file) if self.paths.run_file.exists() else {}
             changed = sorted(k for k in identity["fields"] if previous.get("fields", {}).get(k) != identity["fields"][k])
@@ -191,8 +202,9 @@ class CacheActivationsRunner:
     def _make_store(self, resolved: _Resolved) -> ActivationsStore:
         cfg = self.cfg
         context_size = resolved.plan.context_size
-        rows = token_rows(resolved.dataset, resolved.column, model=resolved.model, cfg=cfg, context_size=context_size)
-        tokenizer = getattr(resolved.model, "tokenizer", None)
+        rows = token_rows(
+            resolved.dataset, resolved.column, model=resolved.model, cfg=cfg, context_size=context_size, special=resolved.special
+        )
         return ActivationsStore(
             resolved.model,
             rows,
@@ -202,7 +214,7 @@ class CacheActivationsRunner:
             dtype=cfg.dtype,
             autocast=cfg.autocast_lm,
             model_kwargs=cfg.model_kwargs,
-            exclude_token_ids=special_token_ids(cfg, tokenizer),
+            exclude_token_ids=resolved.special.excluded,
             fp16_overflow=cfg.fp16_overflow,
         )
 

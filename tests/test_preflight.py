@@ -1,0 +1,150 @@
+"""Bad input fails with one clear error before the first forward pass, leaving nothing that looks like a cache."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from sae_cache import CacheActivationsRunner, store
+from sae_cache.consolidate import RunPaths
+
+
+@pytest.fixture
+def no_forward(monkeypatch):
+    """Fail the test if the store runs a forward pass."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the error")
+
+    monkeypatch.setattr(store, "capture", forbidden)
+
+
+def assert_fails_cleanly(cfg, dataset, model, match, error=ValueError):
+    out = Path(cfg.new_cached_activations_path)
+    existed = out.exists()
+    with pytest.raises(error, match=match):
+        CacheActivationsRunner(cfg, override_dataset=dataset, model=model).run()
+    assert out.exists() == existed
+    assert not RunPaths(out).work.exists() or existed
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"hook_name": "blocks.1.hook_resid_mid_typo"}, "not found in the model"),
+        ({"hook_name": "blocks.7.hook_resid_post"}, "not found in the model"),
+        ({"d_in": 64}, "d_in=64"),
+        ({"context_size": 65, "training_tokens": 6500}, "n_ctx=64"),
+        ({"hook_name": "blocks.0.attn.hook_pattern", "d_in": -1}, "attention patterns"),
+        ({"context_size": -1}, "set context_size"),
+        ({"context_size": 1, "training_tokens": 100}, "no room for text"),
+    ],
+)
+def test_model_and_config_mismatches(model, text_dataset, make_cfg, no_forward, overrides, match):
+    assert_fails_cleanly(make_cfg(**overrides), text_dataset, model, match)
+
+
+def test_pretokenized_rows_shorter_than_context(model, token_dataset, make_cfg, no_forward):
+    assert_fails_cleanly(make_cfg(context_size=32), token_dataset, model, "fewer than context_size=32")
+
+
+def test_missing_columns(model, make_cfg, no_forward):
+    assert_fails_cleanly(make_cfg(), Dataset.from_dict({"body": ["x"]}), model, "needs one of")
+
+
+def test_empty_dataset(model, make_cfg, no_forward):
+    assert_fails_cleanly(make_cfg(), Dataset.from_dict({"text": []}), model, "empty")
+
+
+def test_separator_missing_from_tokenizer(model, text_dataset, make_cfg, no_forward):
+    from transformers import PreTrainedTokenizerFast
+
+    no_sep = PreTrainedTokenizerFast(
+        tokenizer_object=model.tokenizer.backend_tokenizer, name_or_path="no-sep", add_bos_token=True,
+        bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+    )
+    assert no_sep.sep_token_id is None
+    other = copy.deepcopy(model)
+    other.tokenizer = no_sep
+    assert_fails_cleanly(make_cfg(sequence_separator_token="sep"), text_dataset, other, "no sep token")
+
+
+def test_not_enough_disk_space(model, text_dataset, make_cfg, no_forward, monkeypatch):
+    from sae_cache import runner
+
+    monkeypatch.setattr(runner.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    assert_fails_cleanly(make_cfg(), text_dataset, model, "not enough disk space", OSError)
+
+
+def test_non_empty_output_directory_is_refused_and_kept(model, text_dataset, make_cfg, no_forward):
+    cfg = make_cfg()
+    out = Path(cfg.new_cached_activations_path)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert_fails_cleanly(cfg, text_dataset, model, "already holds other files")
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_output_path_that_is_a_file(model, text_dataset, make_cfg, no_forward):
+    cfg = make_cfg()
+    Path(cfg.new_cached_activations_path).write_text("x")
+    assert_fails_cleanly(cfg, text_dataset, model, "is a file")
+
+
+def test_dataset_too_small_never_presents_a_cache(model, make_cfg):
+    small = Dataset.from_dict({"text": ["a short text with few tokens"] * 3})
+    cfg = make_cfg()
+    with pytest.raises(ValueError, match="ran out"):
+        CacheActivationsRunner(cfg, override_dataset=small, model=model).run()
+    assert not Path(cfg.new_cached_activations_path).exists()
+
+
+def test_interrupted_run_needs_resume_or_overwrite(model, text_dataset, make_cfg, monkeypatch):
+    cfg = make_cfg()
+    calls = {"n": 0}
+    real = store.capture
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "capture", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model).run()
+    monkeypatch.setattr(store, "capture", real)
+    with pytest.raises(ValueError, match="resume=True"):
+        CacheActivationsRunner(make_cfg(), override_dataset=text_dataset, model=model).run()
+    assert not Path(cfg.new_cached_activations_path).exists()
+
+
+def test_resume_gives_the_same_cache_and_refuses_changed_config(model, text_dataset, make_cfg, monkeypatch, tmp_path):
+    reference = CacheActivationsRunner(
+        make_cfg(shuffle=True, new_cached_activations_path=str(tmp_path / "ref")), override_dataset=text_dataset, model=model
+    ).run().with_format("torch")[:]
+    real = store.capture
+    calls = {"n": 0}
+
+    def crash_on_sixth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "capture", crash_on_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        CacheActivationsRunner(make_cfg(shuffle=True), override_dataset=text_dataset, model=model).run()
+    monkeypatch.setattr(store, "capture", real)
+    shards = sorted(RunPaths(Path(make_cfg().new_cached_activations_path)).shards.glob("*.json"))
+    assert len(shards) == 2  # two complete buffers of two batches each survived
+    with pytest.raises(ValueError, match="seed"):
+        CacheActivationsRunner(make_cfg(shuffle=True, seed=1, resume=True), override_dataset=text_dataset, model=model).run()
+    resumed = CacheActivationsRunner(make_cfg(shuffle=True, resume=True), override_dataset=text_dataset, model=model).run()
+    resumed = resumed.with_format("torch")[:]
+    assert torch.equal(resumed["token_ids"], reference["token_ids"])
+    assert torch.equal(resumed["blocks.1.hook_resid_post"], reference["blocks.1.hook_resid_post"])
