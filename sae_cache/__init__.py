@@ -5,12 +5,24 @@
 
 The pipeline, one module per stage: config -> plan -> data/tokenization -> model -> store ->
 arrow_format (writer) -> consolidate/shuffle -> runner -> cli. `reader` iterates a cache for training.
+The heavy modules (TransformerLens, datasets) load on first use, so the CLI answers --help at once.
 """
 
+from importlib import import_module
+
 from sae_cache.config import CacheActivationsRunnerConfig
-from sae_cache.reader import CachedActivations
-from sae_cache.runner import CacheActivationsRunner
-from sae_cache.store import ActivationsStore
 
 __all__ = ["ActivationsStore", "CacheActivationsRunner", "CacheActivationsRunnerConfig", "CachedActivations"]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "ActivationsStore": "sae_cache.store",
+    "CacheActivationsRunner": "sae_cache.runner",
+    "CachedActivations": "sae_cache.reader",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sae_cache' has no attribute {name!r}")

@@ -13,7 +13,6 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 
 # Storage dtypes that the datasets Array2D format can hold, by every spelling we accept.
 STORAGE_DTYPES: dict[str, str] = {
@@ -29,6 +28,8 @@ UNSET = -1
 
 
 def _default_device() -> str:
+    import torch  # here, not at import time: `python -m sae_cache --help` stays instant
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -34,7 +34,7 @@ SCATTER_CHUNK_BYTES = 64 << 20  # items read from a shard at once during the sca
 def item_keys(seed: int, start: int, stop: int) -> np.ndarray:
     """The random keys of stream items start..stop-1 (independent of how the stream was cut)."""
     first, last = start // KEY_BLOCK, (stop - 1) // KEY_BLOCK
-    blocks = [np.random.default_rng([seed, b]).integers(0, KEY_LIMIT, KEY_BLOCK, dtype=np.int64) for b in range(first, last + 1)]
+    blocks = [np.random.default_rng([seed, b]).integers(0, KEY_LIMIT - 1, KEY_BLOCK, dtype=np.int64) for b in range(first, last + 1)]
     keys = np.concatenate(blocks) if blocks else np.empty(0, np.int64)
     offset = start - first * KEY_BLOCK
     return keys[offset : offset + stop - start]
@@ -58,7 +58,7 @@ def shuffle_shards(
     n_items = n_rows * length if across_sequences else n_rows
     item_bytes = bytes_per_row // length if across_sequences else bytes_per_row
     n_buckets = max(1, math.ceil(n_items * item_bytes / max(bucket_bytes, 1)))
-    width = -(-KEY_LIMIT // n_buckets)
+    width = min(-(-KEY_LIMIT // n_buckets), KEY_LIMIT - 1)  # keys are < KEY_LIMIT - 1
     reset_dir(scratch)
     _scatter(shard_files, scratch, features, seed=seed, across=across_sequences, width=width, item_bytes=item_bytes)
     return _gather(scratch, out_dir, features, n_buckets=n_buckets, n_rows=n_rows, rows_per_file=rows_per_file, across=across_sequences)
