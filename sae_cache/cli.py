@@ -52,13 +52,21 @@ def _json(text: str) -> Any:
 
 
 def _int_or_none(text: str) -> int | None:
-    return None if text.lower() in _NONE else int(text)
+    if text.lower() in _NONE:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or none, got {text!r}") from None
 
 
 def _exclude(text: str) -> bool | list[int]:
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
-    return [int(t) for t in text.strip("[]").split(",") if t.strip()]
+    try:
+        return [int(t) for t in text.strip("[]").split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected true, false or token ids like 0,1, got {text!r}") from None
 
 
 # Fields whose annotation is not a plain type get their own parser; the rest follow the annotation.
@@ -117,7 +125,7 @@ def _load_config_file(path: Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise CliError(f"--config {path} is not valid YAML/JSON: {e}") from None
+        raise CliError(f"--config {path} is not valid YAML/JSON: {' '.join(str(e).split())}") from None
     if not isinstance(loaded, dict):
         raise CliError(f"--config {path} must hold a mapping of config fields.")
     unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(CacheActivationsRunnerConfig)})
@@ -158,10 +166,9 @@ def _run(cfg: CacheActivationsRunnerConfig) -> int:
 
     runner = CacheActivationsRunner(cfg)
     try:
-        print(runner, flush=True)
-        dataset = runner.run()
-    except (ValueError, OSError, TypeError) as e:
-        print(f"sae_cache: error: {e}", file=sys.stderr)
+        dataset = runner.run()  # logs the plan before any work
+    except (ValueError, OSError, TypeError, RuntimeError) as e:
+        print(f"sae_cache: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(_summary(runner, dataset))
     return 0

@@ -1,7 +1,7 @@
 """Model loading and hooks: the only module that runs the language model.
 
 Owns loading `cfg.model_name` (TransformerLens or the bundled demo model), checking hook names
-against the model, finding each hook's width with a two-token shape probe, and `capture`: one
+against the model, finding each hook's width with a five-token shape probe, and `capture`: one
 forward pass that records several hooks and stops after the deepest one. Hooks are added inside a
 context manager that removes them in `finally`, so a failed pass leaves the model clean.
 """
@@ -66,19 +66,20 @@ def stop_layer(hook_names: list[str]) -> int | None:
 
 
 def probe_hook_dims(model: HookedRootModule, hook_names: list[str]) -> dict[str, int]:
-    """Width of each hook's activation per position, from a forward pass over two tokens.
+    """Width of each hook's activation per position, from a forward pass over a few tokens.
 
     Hooks with a head dimension (e.g. hook_z) are flattened to n_heads * d_head, as SAELens does. A hook
     whose activation is not laid out as (batch, position, ...) (attention patterns) is refused.
     """
-    tokens = torch.zeros((1, 2), dtype=torch.long, device=model_device(model))
+    n = min(5, getattr(getattr(model, "cfg", None), "n_ctx", 5) or 5)
+    tokens = torch.zeros((1, n), dtype=torch.long, device=model_device(model))
     acts = capture(model, tokens, hook_names, flatten=False)
     dims = {}
     for hook in hook_names:
         act = acts[hook]
-        if act.ndim < 3 or act.shape[:2] != (1, 2):
+        if act.ndim < 3 or act.shape[:2] != (1, n) or (act.ndim == 4 and act.shape[-2:] == (n, n)):
             raise ValueError(
-                f"hook {hook!r} gives activations of shape {tuple(act.shape)} for a (1, 2) batch of tokens; "
+                f"hook {hook!r} gives activations of shape {tuple(act.shape)} for a (1, {n}) batch of tokens; "
                 "only hooks shaped (batch, position, ...) can be cached (not attention patterns or scores)."
             )
         dims[hook] = int(torch.tensor(act.shape[2:]).prod())

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_cache import hub
-from sae_cache.arrow_format import cache_features, fingerprint_of, read_json, write_arrow_file, write_json_atomic
+from sae_cache.arrow_format import cache_features, fingerprint_of, read_json, write_json_atomic
 from sae_cache.config import UNSET, CacheActivationsRunnerConfig
 from sae_cache.consolidate import (
     RunPaths,
@@ -48,7 +48,8 @@ from sae_cache.metadata import build_metadata, output_fields
 from sae_cache.model import check_hook_names, load_model, probe_hook_dims
 from sae_cache.plan import CachePlan, make_plan
 from sae_cache.shuffle import shuffle_shards
-from sae_cache.store import ActivationsStore, Buffer
+from sae_cache.store import ActivationsStore
+from sae_cache.writer import ShardWriter
 
 logger = logging.getLogger("sae_cache")
 DISK_MARGIN = 1.05
@@ -92,8 +93,7 @@ class CacheActivationsRunner:
         self._check_disk_space(resolved.plan)
         logger.info("%s", self)
         shard_files = self._write_shards(resolved)
-        stats = self._stats
-        self._publish(resolved.plan, shard_files, stats)
+        self._publish(resolved.plan, shard_files, self._stats)
         remove_work(self.paths)
         if self.cfg.hf_repo_id:
             hub.push_cache(self.paths.out, self.cfg)
@@ -161,22 +161,27 @@ class CacheActivationsRunner:
     # -- shards -------------------------------------------------------------------------------------
 
     def _write_shards(self, resolved: _Resolved) -> list[Path]:
+        """Compute every buffer not yet on disk and write it as a shard (the writer overlaps the compute)."""
         plan = resolved.plan
-        done = self._start_work(plan)
-        store = self._make_store(resolved)
-        resume_from = self._read_manifest(done - 1) if done else {"next_batch": 0, "next_skip": 0, "stats": {}}
-        store.restore_stats(resume_from["stats"])
-        self._stats = resume_from["stats"]
         features = cache_features(plan.hook_dims, plan.sliced_context_size, self.cfg.dtype)
+        self._start_work(plan)
+        writer = ShardWriter(self.paths.shards, features)
+        done = writer.complete_shards(plan.n_buffers)
+        if done:
+            logger.info("resuming after %d complete shard(s) of %d", done, plan.n_buffers)
+        resume = writer.read_manifest(done - 1) if done else {"next_batch": 0, "next_skip": 0, "stats": {}}
+        store = self._make_store(resolved)
+        store.restore_stats(resume["stats"])
         progress = tqdm(total=plan.n_tokens, initial=done * plan.tokens_per_buffer, unit="tok", desc="Caching", unit_scale=True)
-        with progress:
-            for buffer in store.buffers(resume_from["next_batch"], resume_from["next_skip"], start_index=done):
-                self._save_shard(buffer, features, store)
+        with writer, progress:
+            for buffer in store.buffers(resume["next_batch"], resume["next_skip"], done, acquire=writer.acquire):
+                writer.submit(buffer, {"stats": {h: asdict(st) for h, st in store.stats.items()}})
                 progress.update(buffer.n_rows * plan.sliced_context_size)
-        return [self._shard_path(i) for i in range(plan.n_buffers)]
+        self._stats = {h: asdict(st) for h, st in store.stats.items()}
+        return [writer.shard_path(i) for i in range(plan.n_buffers)]
 
-    def _start_work(self, plan: CachePlan) -> int:
-        """Create or reopen the run's work directory; return how many shards are already complete."""
+    def _start_work(self, plan: CachePlan) -> None:
+        """Create the run's work directory, or check that the one there may be resumed."""
         identity = json.loads(json.dumps({"fields": output_fields(self.cfg), "plan": plan.to_dict()}, default=str))
         if self.paths.work.exists() and self.cfg.resume:
             previous = read_json(self.paths.run_file) if self.paths.run_file.exists() else {}
@@ -186,18 +191,10 @@ class CacheActivationsRunner:
                     f"cannot resume {self.paths.work}: the configuration changed in {changed or 'the resolved plan'}. "
                     "Rerun with the original values, or pass overwrite=True to start over."
                 )
-            return self._count_complete_shards(plan)
+            return
         reset_dir(self.paths.work)
         self.paths.shards.mkdir()
         write_json_atomic(self.paths.run_file, identity)
-        return 0
-
-    def _count_complete_shards(self, plan: CachePlan) -> int:
-        done = 0
-        while done < plan.n_buffers and self._manifest_path(done).exists():
-            done += 1
-        logger.info("resuming after %d complete shard(s) of %d", done, plan.n_buffers)
-        return done
 
     def _make_store(self, resolved: _Resolved) -> ActivationsStore:
         cfg = self.cfg
@@ -217,25 +214,6 @@ class CacheActivationsRunner:
             exclude_token_ids=resolved.special.excluded,
             fp16_overflow=cfg.fp16_overflow,
         )
-
-    def _shard_path(self, index: int) -> Path:
-        return self.paths.shards / f"shard_{index:05d}.arrow"
-
-    def _manifest_path(self, index: int) -> Path:
-        return self.paths.shards / f"shard_{index:05d}.json"
-
-    def _read_manifest(self, index: int) -> dict:
-        return read_json(self._manifest_path(index))
-
-    def _save_shard(self, buffer: Buffer, features, store: ActivationsStore) -> None:
-        """Write the shard, then its manifest: a shard counts as complete only once its manifest exists."""
-        path = self._shard_path(buffer.index)
-        partial = path.with_name(path.name + ".partial")
-        write_arrow_file(partial, features, buffer.columns)
-        partial.replace(path)
-        self._stats = {h: asdict(s) for h, s in store.stats.items()}
-        manifest = {"rows": buffer.n_rows, "next_batch": buffer.next_batch, "next_skip": buffer.next_skip, "stats": self._stats}
-        write_json_atomic(self._manifest_path(buffer.index), manifest)
 
     # -- publishing ---------------------------------------------------------------------------------
 

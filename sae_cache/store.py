@@ -14,33 +14,19 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from sae_cache.arrow_format import TOKEN_IDS
 from sae_cache.model import capture, model_device
 from sae_cache.plan import CachePlan
+from sae_cache.writer import Buffer, allocate_host_buffer
 
 
 class Float16OverflowError(ValueError):
     """float16 storage would turn finite activations into inf."""
-
-
-@dataclass
-class Buffer:
-    """One buffer of rows: numpy columns (hooks and token_ids) plus where the stream goes on."""
-
-    index: int
-    columns: dict[str, np.ndarray]
-    next_batch: int
-    next_skip: int
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.columns[TOKEN_IDS])
 
 
 @dataclass
@@ -98,11 +84,11 @@ class HookStats:
 
 @dataclass
 class _Chunk:
-    """Output units (rows or kept positions) of one batch, on the host."""
+    """Output units (rows, or kept positions) of one batch: acts still on the model's device."""
 
     batch: int
-    acts: dict[str, torch.Tensor]
-    tokens: torch.Tensor
+    acts: dict[str, torch.Tensor]  # hook -> [units, unit width], storage dtype
+    tokens: torch.Tensor  # [units, tokens per unit], host
     unit_stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -135,27 +121,43 @@ class ActivationsStore:
         self.fp16_overflow = fp16_overflow
         self.hooks = list(plan.hook_dims)
         self.stats = {h: HookStats() for h in self.hooks}
+        self.device = model_device(model)
 
     def restore_stats(self, raw: dict[str, dict]) -> None:
         """Continue the statistics of an interrupted run (raw HookStats fields per hook)."""
         self.stats.update({hook: HookStats(**fields) for hook, fields in raw.items()})
 
-    def buffers(self, start_batch: int = 0, start_skip: int = 0, start_index: int = 0) -> Iterator[Buffer]:
-        """Yield buffers start_index.. of the plan; the stream starts at batch start_batch, skipping start_skip units."""
+    def new_host_buffer(self) -> dict[str, torch.Tensor]:
+        """Host tensors for one full buffer, pinned when the model is on CUDA."""
+        plan = self.plan
+        pin = self.device.type == "cuda"
+        return allocate_host_buffer(plan.hook_dims, plan.rows_per_buffer, plan.sliced_context_size, self.storage_dtype, pin=pin)
+
+    def buffers(
+        self,
+        start_batch: int = 0,
+        start_skip: int = 0,
+        start_index: int = 0,
+        acquire: Callable[[Callable[[], dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None,
+    ) -> Iterator[Buffer]:
+        """Yield buffers start_index.. of the plan; the stream starts at batch start_batch, skipping start_skip units.
+
+        `acquire(make)` supplies the host tensors to fill (a pool); by default each buffer gets new ones.
+        """
+        acquire = acquire or (lambda make: make())
         chunks = self._chunks(start_batch)
         pending: list[_Chunk] = []
         skip = start_skip
         for index in range(start_index, self.plan.n_buffers):
-            rows = self.plan.rows_in_buffer(index)
-            columns, pending, skip = self._fill(rows, chunks, pending, skip)
-            next_batch, next_skip = (pending[0].batch, skip) if pending else (self._batches_done, 0)
-            yield Buffer(index=index, columns=columns, next_batch=next_batch, next_skip=next_skip)
+            buffer = Buffer(index=index, tensors=acquire(self.new_host_buffer), n_rows=self.plan.rows_in_buffer(index))
+            pending, skip = self._fill(buffer, chunks, pending, skip)
+            buffer.next_batch, buffer.next_skip = (pending[0].batch, skip) if pending else (self._batches_done, 0)
+            yield buffer
 
-    def _fill(self, rows: int, chunks: Iterator[_Chunk], pending: list[_Chunk], skip: int):
-        """Take `rows` rows from pending chunks then new ones; return columns, leftover chunks and skip."""
-        length = self.plan.sliced_context_size
-        units_needed = rows * (length if self.exclude is not None else 1)
-        parts: list[tuple[_Chunk, int, int]] = []
+    def _fill(self, buffer: Buffer, chunks: Iterator[_Chunk], pending: list[_Chunk], skip: int):
+        """Copy buffer.n_rows rows from pending chunks, then new ones, into the buffer; return leftovers and skip."""
+        dest = self._unit_views(buffer)
+        units_needed = len(dest[TOKEN_IDS])
         got = 0
         while got < units_needed:
             if not pending:
@@ -163,31 +165,33 @@ class ActivationsStore:
                     pending.append(next(chunks))
                 except StopIteration:
                     raise ValueError(
-                        f"the dataset ran out while filling buffer rows ({got} of {units_needed} units in this "
-                        "buffer): lower training_tokens or use a larger dataset."
+                        f"the dataset ran out while filling buffer {buffer.index} ({got} of {units_needed} units): "
+                        "lower training_tokens or use a larger dataset."
                     ) from None
             chunk = pending[0]
-            available = len(chunk.tokens) - skip
-            take = min(available, units_needed - got)
-            parts.append((chunk, skip, skip + take))
+            take = min(len(chunk.tokens) - skip, units_needed - got)
+            self._copy(chunk, skip, skip + take, dest, got)
             got += take
-            if take == available:
+            skip += take
+            if skip == len(chunk.tokens):
                 pending.pop(0)
                 skip = 0
-            else:
-                skip += take
-        return self._assemble(parts, rows), pending, skip
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the non-blocking copies have landed
+        return pending, skip
 
-    def _assemble(self, parts: list[tuple[_Chunk, int, int]], rows: int) -> dict[str, np.ndarray]:
-        length = self.plan.sliced_context_size
-        columns = {}
+    def _unit_views(self, buffer: Buffer) -> dict[str, torch.Tensor]:
+        """The buffer's first n_rows rows seen as [units, unit width] (a unit is a row, or a position)."""
+        per_row = self.plan.sliced_context_size if self.exclude is not None else 1
+        units = buffer.n_rows * per_row
+        return {name: t[: buffer.n_rows].view(units, -1) for name, t in buffer.tensors.items()}
+
+    def _copy(self, chunk: _Chunk, start: int, stop: int, dest: dict[str, torch.Tensor], at: int) -> None:
+        n = stop - start
         for hook in self.hooks:
-            self.stats[hook].add(torch.cat([c.unit_stats[hook][s:e] for c, s, e in parts]))
-            acts = torch.cat([c.acts[hook][s:e] for c, s, e in parts])
-            columns[hook] = acts.reshape(rows, length, -1).numpy()
-        tokens = torch.cat([c.tokens[s:e] for c, s, e in parts])
-        columns[TOKEN_IDS] = tokens.reshape(rows, length).to(torch.int32).numpy()
-        return columns
+            self.stats[hook].add(chunk.unit_stats[hook][start:stop])
+            dest[hook][at : at + n].copy_(chunk.acts[hook][start:stop], non_blocking=True)
+        dest[TOKEN_IDS][at : at + n].copy_(chunk.tokens[start:stop])
 
     def _chunks(self, start_batch: int) -> Iterator[_Chunk]:
         """Host chunks of every batch from start_batch on (rows, or kept positions when excluding)."""
@@ -221,14 +225,15 @@ class ActivationsStore:
         if self.exclude is not None:
             keep = ~torch.isin(tokens_BL.reshape(-1), self.exclude)
             tokens_BL = tokens_BL.reshape(-1)[keep]
-        chunk = _Chunk(batch=batch_index, acts={}, tokens=tokens_BL.cpu())
+        units = len(tokens_BL)
+        chunk = _Chunk(batch=batch_index, acts={}, tokens=tokens_BL.reshape(units, -1).cpu())
         for hook, act in acts.items():
             if keep is not None:
                 act = act.reshape(-1, act.shape[-1])[keep.to(act.device)]
             stored = act.to(self.storage_dtype)
             chunk.unit_stats[hook] = HookStats.per_unit(act, stored).cpu()
             self._check_overflow(hook, chunk.unit_stats[hook])
-            chunk.acts[hook] = stored.cpu()
+            chunk.acts[hook] = stored.reshape(units, -1)
         return chunk
 
     def _check_overflow(self, hook: str, unit_stats: torch.Tensor) -> None:
