@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_cache import hub
-from sae_cache.arrow_format import cache_features, fingerprint_of, read_json, write_json_atomic
+from sae_cache.arrow_format import METADATA_FILE, cache_features, fingerprint_of, read_json, write_json_atomic
 from sae_cache.config import UNSET, CacheActivationsRunnerConfig
 from sae_cache.consolidate import (
     RunPaths,
@@ -88,12 +88,13 @@ class CacheActivationsRunner:
     def run(self) -> datasets.Dataset:
         """Cache the activations and return the finished cache as loaded from disk."""
         started = time.perf_counter()
-        self._check_output_dir()
-        resolved = self._resolve()
-        self._check_disk_space(resolved.plan)
-        logger.info("%s", self)
-        shard_files = self._write_shards(resolved)
-        self._publish(resolved.plan, shard_files, self._stats)
+        if not self._already_finished():
+            self._check_output_dir()
+            resolved = self._resolve()
+            self._check_disk_space(resolved.plan)
+            logger.info("%s", self)
+            shard_files = self._write_shards(resolved)
+            self._publish(resolved.plan, shard_files, self._stats)
         remove_work(self.paths)
         if self.cfg.hf_repo_id:
             hub.push_cache(self.paths.out, self.cfg)
@@ -130,6 +131,21 @@ class CacheActivationsRunner:
         wrong = {h: d for h, d in hook_dims.items() if d != self.cfg.d_in}
         if wrong:
             raise ValueError(f"d_in={self.cfg.d_in} but the model's hooks have widths {wrong}: set d_in to match, or -1.")
+
+    def _already_finished(self) -> bool:
+        """With resume=True: the run was killed after publishing its cache (only clean-up and upload remain)."""
+        out = self.paths.out
+        if not self.cfg.resume:
+            return False
+        repair_interrupted_swap(out)
+        if not is_complete_cache(out):
+            return False
+        previous = read_json(out / METADATA_FILE).get("config", {})
+        ours = json.loads(json.dumps(output_fields(self.cfg), default=str))
+        if any(previous.get(k) != v for k, v in ours.items()):
+            return False
+        logger.info("%s is already complete for this configuration", out)
+        return True
 
     def _check_output_dir(self) -> None:
         out = self.paths.out

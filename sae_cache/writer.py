@@ -10,6 +10,7 @@ waits for the last shard.
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
 from collections.abc import Callable
@@ -136,7 +137,17 @@ class ShardWriter:
     def _write(self, buffer: Buffer, manifest: dict) -> None:
         path = self.shard_path(buffer.index)
         partial = path.with_name(path.name + ".partial")
-        write_arrow_file(partial, self.features, buffer.columns())
+        try:
+            write_arrow_file(partial, self.features, buffer.columns())
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            partial.unlink(missing_ok=True)
+            raise OSError(
+                errno.ENOSPC,
+                f"disk full while writing shard {buffer.index} in {self.directory}: the {buffer.index} shard(s) before it "
+                "are kept. Free some space, then rerun with resume=True.",
+            ) from e
         partial.replace(path)
         rows = {"rows": buffer.n_rows, "next_batch": buffer.next_batch, "next_skip": buffer.next_skip}
         write_json_atomic(self.manifest_path(buffer.index), {**rows, **manifest})

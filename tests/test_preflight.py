@@ -148,3 +148,49 @@ def test_resume_gives_the_same_cache_and_refuses_changed_config(model, text_data
     resumed = resumed.with_format("torch")[:]
     assert torch.equal(resumed["token_ids"], reference["token_ids"])
     assert torch.equal(resumed["blocks.1.hook_resid_post"], reference["blocks.1.hook_resid_post"])
+
+
+def test_resume_after_publish_only_cleans_up(model, text_dataset, make_cfg, monkeypatch):
+    from sae_cache import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "remove_work", lambda paths: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        CacheActivationsRunner(make_cfg(), override_dataset=text_dataset, model=model).run()
+    monkeypatch.undo()
+    paths = RunPaths(Path(make_cfg().new_cached_activations_path))
+    assert paths.work.exists() and (paths.out / "sae_cache.json").exists()
+    ds = CacheActivationsRunner(make_cfg(resume=True), override_dataset=text_dataset, model=no_model()).run()
+    assert len(ds) == 40 and not paths.work.exists()
+
+
+def no_model():
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError("the model was used although the cache was complete")
+
+    return Untouchable()
+
+
+def test_disk_full_mid_run_is_clear_and_resumable(model, text_dataset, make_cfg, monkeypatch):
+    import errno
+
+    from sae_cache import writer
+
+    real = writer.write_arrow_file
+    calls = {"n": 0}
+
+    def full_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "write_arrow_file", full_on_third)
+    with pytest.raises(OSError, match="disk full while writing shard 2"):
+        CacheActivationsRunner(make_cfg(), override_dataset=text_dataset, model=model).run()
+    paths = RunPaths(Path(make_cfg().new_cached_activations_path))
+    assert not paths.out.exists()
+    assert sorted(p.name for p in paths.shards.iterdir() if p.suffix == ".json") == ["shard_00000.json", "shard_00001.json"]
+    monkeypatch.undo()
+    ds = CacheActivationsRunner(make_cfg(resume=True), override_dataset=text_dataset, model=model).run()
+    assert len(ds) == 40
