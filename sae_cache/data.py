@@ -135,6 +135,30 @@ def token_rows(
     )
 
 
+def check_dataset_size(dataset, column: InputColumn, *, rows_needed: int, context_size: int, model) -> str | None:
+    """Before any forward pass: an error when a sized pretokenized dataset has too few rows, a warning
+    (returned) when raw text looks too short (estimated from its first rows); None when fine or unknowable."""
+    if not hasattr(dataset, "__len__"):
+        return None  # streaming: the run itself stops with a clear error if the data runs out
+    n = len(dataset)
+    if column.pretokenized:
+        if n < rows_needed:
+            raise ValueError(
+                f"the dataset has {n} rows of {context_size} tokens but training_tokens needs {rows_needed} rows: "
+                f"lower training_tokens to at most {n * context_size} or use a larger dataset."
+            )
+        return None
+    sample = dataset.select(range(min(n, 64)))[column.name]
+    tokens_per_row = sum(len(t) for t in _tokenize(iter(sample), model, chat=False)) / max(len(sample), 1)
+    estimate = int(tokens_per_row * n)
+    if estimate < rows_needed * context_size:
+        return (
+            f"the dataset looks too small: about {estimate:,} tokens (estimated from its first {len(sample)} rows) for "
+            f"{rows_needed * context_size:,} needed; the run will stop when the data runs out."
+        )
+    return None
+
+
 def special_token_ids(cfg: CacheActivationsRunnerConfig, tokenizer) -> list[int] | None:
     """Token ids whose positions are dropped (exclude_special_tokens), None when nothing is excluded."""
     if cfg.exclude_special_tokens is False:

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from sae_cache.consolidate import (
 )
 from sae_cache.data import (
     SpecialTokens,
+    check_dataset_size,
     find_column,
     first_row,
     open_dataset,
@@ -117,6 +119,10 @@ class CacheActivationsRunner:
         self._check_d_in(hook_dims)
         special = resolve_special_tokens(cfg, getattr(model, "tokenizer", None))
         plan = make_plan(cfg, context_size=context_size, hook_dims=hook_dims)
+        if not cfg.use_chat_formatting:
+            warning = check_dataset_size(dataset, column, rows_needed=plan.n_rows, context_size=context_size, model=model)
+            if warning:
+                warnings.warn(warning, RuntimeWarning, stacklevel=2)
         self._resolved = _Resolved(model=model, dataset=dataset, column=column, special=special, plan=plan)
         return self._resolved
 

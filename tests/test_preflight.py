@@ -194,3 +194,13 @@ def test_disk_full_mid_run_is_clear_and_resumable(model, text_dataset, make_cfg,
     monkeypatch.undo()
     ds = CacheActivationsRunner(make_cfg(resume=True), override_dataset=text_dataset, model=model).run()
     assert len(ds) == 40
+
+
+def test_pretokenized_dataset_too_small_fails_before_work(model, token_dataset, make_cfg, no_forward):
+    assert_fails_cleanly(make_cfg(context_size=24, training_tokens=24 * 201), token_dataset, model, "has 200 rows of 24 tokens")
+
+
+def test_text_dataset_too_small_warns_with_the_count(model, make_cfg):
+    small = Dataset.from_dict({"text": ["a short text with few tokens"] * 3})
+    with pytest.warns(RuntimeWarning, match="looks too small: about"), pytest.raises(ValueError, match="ran out"):
+        CacheActivationsRunner(make_cfg(), override_dataset=small, model=model).run()
