@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from datasets import Array2D, Features, Sequence, Value
-from datasets.features.features import Array2DExtensionType
+from datasets.features.features import Array2DExtensionType, List, get_nested_type
 
 TOKEN_IDS = "token_ids"
 METADATA_FILE = "sae_cache.json"
@@ -162,3 +162,68 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- Row-per-prompt caches (position-targeted caching, sae_cache/targeted.py) -------------------
+# Extra column kinds beside the Array2D activations: variable-length int32 token ids, fixed-length
+# int32 position lists, scalar Values, and label columns of any datasets Features given already in
+# Arrow form (taken from the input dataset's table).
+
+POSITIONS = "positions"
+SOURCE_INDEX = "source_index"
+
+
+def targeted_features(hook_dims: dict[str, int], n_positions: int, dtype: str, labels: Features) -> Features:
+    """Features of a targeted cache: token_ids (variable length), positions, one Array2D per hook, source_index, labels."""
+    columns: dict = {TOKEN_IDS: Sequence(Value("int32")), POSITIONS: Sequence(Value("int32"), length=n_positions)}
+    columns.update({hook: Array2D(shape=(n_positions, d), dtype=dtype) for hook, d in hook_dims.items()})
+    columns[SOURCE_INDEX] = Value("int64")
+    columns.update(labels)
+    return Features(columns)
+
+
+def ragged_int32_array(rows: list[np.ndarray]) -> pa.ListArray:
+    """A variable-length int32 list column (datasets `Sequence(Value("int32"))`) holding `rows`."""
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    flat = np.concatenate(rows).astype(np.int32, copy=False) if rows else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
+def mixed_record_batch(features: Features, columns: dict) -> pa.RecordBatch:
+    """A record batch of `columns` whose values are numpy arrays, lists of 1-D int arrays, or Arrow arrays.
+
+    Array2D columns take (rows, length, d) arrays and fixed-length int32 sequences (rows, length)
+    arrays, both zero-copy as in `record_batch`; a variable-length int32 sequence takes a list of 1-D
+    arrays; a scalar Value takes a 1-D array; an Arrow array (any feature) is cast to the feature's type.
+    """
+    arrays = [_column_array(feature, columns[name]) for name, feature in features.items()]
+    return pa.RecordBatch.from_arrays(arrays, schema=features.arrow_schema)
+
+
+def _column_array(feature, values) -> pa.Array:
+    arrow_type = get_nested_type(feature)
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values if values.type == arrow_type else values.cast(arrow_type)
+    if isinstance(feature, Array2D):
+        return _array2d(np.ascontiguousarray(values).astype(feature.dtype, copy=False), feature.dtype)
+    if isinstance(feature, List) and feature.feature == Value("int32"):
+        if feature.length == -1:
+            return ragged_int32_array(list(values))
+        return _token_array(np.ascontiguousarray(values).astype(np.int32, copy=False))
+    if isinstance(feature, Value):
+        return pa.array(np.asarray(values), type=arrow_type)
+    raise TypeError(f"no numpy conversion for feature {feature!r}: give its column as an Arrow array")
+
+
+def write_record_batches(path: Path, features: Features, batches: Iterator[pa.RecordBatch]) -> int:
+    """Write record batches to one Arrow IPC stream file, fsynced; returns the row count."""
+    rows = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, features.arrow_schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    fsync_path(path)
+    return rows

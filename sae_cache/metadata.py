@@ -41,7 +41,9 @@ def output_fields(cfg: CacheActivationsRunnerConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if k not in NON_OUTPUT_FIELDS}
 
 
-def build_metadata(cfg: CacheActivationsRunnerConfig, plan: CachePlan, *, stats: dict[str, dict], tokenizer) -> dict:
+def build_metadata(
+    cfg: CacheActivationsRunnerConfig, plan: CachePlan, *, stats: dict[str, HookStats], tokenizer, world_size: int = 1
+) -> dict:
     """Everything a reader of the cache may want to know about how it was made."""
     return {
         "format_version": FORMAT_VERSION,
@@ -53,8 +55,9 @@ def build_metadata(cfg: CacheActivationsRunnerConfig, plan: CachePlan, *, stats:
         "dtype": cfg.dtype,
         "shuffled": cfg.shuffle,
         "shuffled_across_sequences": cfg.shuffle_across_sequences,
+        "world_size": world_size,
         "hooks": {
-            hook: {"d_in": d, "stats": HookStats(**stats[hook]).to_dict(d) if hook in stats else None}
+            hook: {"d_in": d, "stats": stats[hook].to_dict(d) if hook in stats else None}
             for hook, d in plan.hook_dims.items()
         },
         "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,

@@ -8,7 +8,7 @@ against free disk space) before any work starts.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -46,6 +46,10 @@ class CachePlan:
     def rows_in_buffer(self, index: int) -> int:
         """Rows of buffer `index`; the last buffer is trimmed to the exact row count."""
         return min(self.rows_per_buffer, self.n_rows - index * self.rows_per_buffer)
+
+    def with_rows(self, n_rows: int) -> CachePlan:
+        """The same plan for a part of the rows (one rank's share): buffers of the same size."""
+        return replace(self, n_rows=n_rows, n_buffers=math.ceil(n_rows / self.rows_per_buffer))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "n_tokens": self.n_tokens, "tokens_per_buffer": self.tokens_per_buffer}

@@ -14,6 +14,7 @@ import logging
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from sae_cache import hub
+from sae_cache import distributed, hub
 from sae_cache.arrow_format import METADATA_FILE, cache_features, fingerprint_of, read_json, write_json_atomic
 from sae_cache.config import UNSET, CacheActivationsRunnerConfig
 from sae_cache.consolidate import (
@@ -50,7 +51,7 @@ from sae_cache.metadata import build_metadata, output_fields
 from sae_cache.model import check_hook_names, load_model, probe_hook_dims
 from sae_cache.plan import CachePlan, make_plan
 from sae_cache.shuffle import shuffle_shards
-from sae_cache.store import ActivationsStore
+from sae_cache.store import ActivationsStore, HookStats
 from sae_cache.writer import ShardWriter
 
 logger = logging.getLogger("sae_cache")
@@ -88,20 +89,49 @@ class CacheActivationsRunner:
 
     @torch.no_grad()
     def run(self) -> datasets.Dataset:
-        """Cache the activations and return the finished cache as loaded from disk."""
+        """Cache the activations and return the finished cache as loaded from disk.
+
+        Under an initialised torch.distributed process group every rank calls run(): each computes its
+        own batches into its own shards, and rank 0 publishes (see sae_cache.distributed).
+        """
         started = time.perf_counter()
+        self.ranks = distributed.current()
+        self._shared(self._repair)
         if not self._already_finished():
-            self._check_output_dir()
-            resolved = self._resolve()
-            self._check_disk_space(resolved.plan)
-            logger.info("%s", self)
-            shard_files = self._write_shards(resolved)
-            self._publish(resolved.plan, shard_files, self._stats)
-        remove_work(self.paths)
-        if self.cfg.hf_repo_id:
+            self._shared(self._prepare)
+            self._shared(self._write_shards)
+            self._shared(self._publish)
+        self._shared(lambda: remove_work(self.paths) if self.ranks.is_main else None)
+        if self.cfg.hf_repo_id and self.ranks.is_main:
             hub.push_cache(self.paths.out, self.cfg)
+        distributed.barrier(self.ranks)
         self.elapsed_s = time.perf_counter() - started
         return datasets.load_from_disk(str(self.paths.out))
+
+    def _shared(self, step: Callable[[], None]) -> None:
+        """Run one step on every rank; if any rank fails, every rank raises (none waits forever)."""
+        error: BaseException | None = None
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+        if not distributed.all_ok(self.ranks, error is None):
+            raise error or RuntimeError("another rank failed; its error is in its own output")
+
+    def _repair(self) -> None:
+        if self.ranks.is_main:
+            repaired = repair_interrupted_swap(self.paths.out)
+            if repaired:
+                logger.warning("%s", repaired)
+
+    def _prepare(self) -> None:
+        """Every check that can fail before a forward pass; rank 0 then creates (or reopens) the work directory."""
+        self._check_output_dir()
+        resolved = self._resolve()
+        if self.ranks.is_main:
+            self._check_disk_space(resolved.plan)
+            logger.info("%s", self)
+            self._start_work(resolved.plan)
 
     # -- resolution and checks (before any forward pass) -------------------------------------------
 
@@ -141,10 +171,7 @@ class CacheActivationsRunner:
     def _already_finished(self) -> bool:
         """With resume=True: the run was killed after publishing its cache (only clean-up and upload remain)."""
         out = self.paths.out
-        if not self.cfg.resume:
-            return False
-        repair_interrupted_swap(out)
-        if not is_complete_cache(out):
+        if not self.cfg.resume or not is_complete_cache(out):
             return False
         previous = read_json(out / METADATA_FILE).get("config", {})
         ours = json.loads(json.dumps(output_fields(self.cfg), default=str))
@@ -155,9 +182,6 @@ class CacheActivationsRunner:
 
     def _check_output_dir(self) -> None:
         out = self.paths.out
-        repaired = repair_interrupted_swap(out)
-        if repaired:
-            logger.warning("%s", repaired)
         if out.exists() and not out.is_dir():
             raise ValueError(f"new_cached_activations_path={str(out)!r} is a file: choose a directory path.")
         if out.exists() and not is_empty_dir(out) and not self.cfg.overwrite:
@@ -182,25 +206,35 @@ class CacheActivationsRunner:
 
     # -- shards -------------------------------------------------------------------------------------
 
-    def _write_shards(self, resolved: _Resolved) -> list[Path]:
-        """Compute every buffer not yet on disk and write it as a shard (the writer overlaps the compute)."""
-        plan = resolved.plan
+    def _shard_dir(self, rank: int) -> Path:
+        return self.paths.shards / f"rank_{rank:05d}" if self.ranks.active else self.paths.shards
+
+    def _rank_plan(self, rank: int) -> CachePlan:
+        plan = self._resolve().plan
+        share = distributed.Ranks(rank, self.ranks.world)
+        return plan.with_rows(distributed.rows_of_rank(plan.n_rows, self.cfg.model_batch_size, share))
+
+    def _write_shards(self) -> None:
+        """Compute this rank's buffers not yet on disk and write them as shards (the writer overlaps the compute)."""
+        resolved = self._resolve()
+        plan = self._rank_plan(self.ranks.rank)
         features = cache_features(plan.hook_dims, plan.sliced_context_size, self.cfg.dtype)
-        self._start_work(plan)
-        writer = ShardWriter(self.paths.shards, features)
+        self._shard_dir(self.ranks.rank).mkdir(parents=True, exist_ok=True)
+        writer = ShardWriter(self._shard_dir(self.ranks.rank), features)
         done = writer.complete_shards(plan.n_buffers)
         if done:
             logger.info("resuming after %d complete shard(s) of %d", done, plan.n_buffers)
         resume = writer.read_manifest(done - 1) if done else {"next_batch": 0, "next_skip": 0, "stats": {}}
-        store = self._make_store(resolved)
+        store = self._make_store(resolved, plan)
         store.restore_stats(resume["stats"])
-        progress = tqdm(total=plan.n_tokens, initial=done * plan.tokens_per_buffer, unit="tok", desc="Caching", unit_scale=True)
+        progress = tqdm(
+            total=plan.n_tokens, initial=done * plan.tokens_per_buffer, unit="tok", desc="Caching", unit_scale=True,
+            disable=not self.ranks.is_main,
+        )
         with writer, progress:
             for buffer in store.buffers(resume["next_batch"], resume["next_skip"], done, acquire=writer.acquire):
                 writer.submit(buffer, {"stats": {h: asdict(st) for h, st in store.stats.items()}})
                 progress.update(buffer.n_rows * plan.sliced_context_size)
-        self._stats = {h: asdict(st) for h, st in store.stats.items()}
-        return [writer.shard_path(i) for i in range(plan.n_buffers)]
 
     def _start_work(self, plan: CachePlan) -> None:
         """Create the run's work directory, or check that the one there may be resumed."""
@@ -218,16 +252,15 @@ class CacheActivationsRunner:
         self.paths.shards.mkdir()
         write_json_atomic(self.paths.run_file, identity)
 
-    def _make_store(self, resolved: _Resolved) -> ActivationsStore:
+    def _make_store(self, resolved: _Resolved, plan: CachePlan) -> ActivationsStore:
         cfg = self.cfg
-        context_size = resolved.plan.context_size
         rows = token_rows(
-            resolved.dataset, resolved.column, model=resolved.model, cfg=cfg, context_size=context_size, special=resolved.special
+            resolved.dataset, resolved.column, model=resolved.model, cfg=cfg, context_size=plan.context_size, special=resolved.special
         )
         return ActivationsStore(
             resolved.model,
-            rows,
-            resolved.plan,
+            distributed.batches_of_rank(rows, cfg.model_batch_size, self.ranks),
+            plan,
             batch_size=cfg.model_batch_size,
             seqpos_slice=cfg.seqpos_slice,
             dtype=cfg.dtype,
@@ -239,8 +272,24 @@ class CacheActivationsRunner:
 
     # -- publishing ---------------------------------------------------------------------------------
 
-    def _publish(self, plan: CachePlan, shard_files: list[Path], stats: dict) -> None:
-        cfg = self.cfg
+    def _rank_shards(self) -> tuple[list[Path], dict[str, HookStats]]:
+        """Every rank's shard files in rank order, and the statistics of all of them."""
+        files, raws = [], []
+        for rank in range(self.ranks.world):
+            writer = ShardWriter(self._shard_dir(rank), features=None, background=False)  # type: ignore[arg-type]
+            n = self._rank_plan(rank).n_buffers
+            files += [writer.shard_path(i) for i in range(n)]
+            if n:
+                raws.append(writer.read_manifest(n - 1)["stats"])
+        hooks = self._resolve().plan.hook_dims
+        return files, {h: HookStats.combined([raw[h] for raw in raws]) for h in hooks}
+
+    def _publish(self) -> None:
+        """Rank 0: consolidate (or shuffle) every rank's shards into a staged cache and swap it into place."""
+        if not self.ranks.is_main:
+            return
+        cfg, plan = self.cfg, self._resolve().plan
+        shard_files, stats = self._rank_shards()
         features = cache_features(plan.hook_dims, plan.sliced_context_size, cfg.dtype)
         staging = self.paths.staging
         if cfg.shuffle:
@@ -259,6 +308,6 @@ class CacheActivationsRunner:
         else:
             names = stage_shards(shard_files, staging)
         tokenizer = getattr(self._resolve().model, "tokenizer", None)
-        metadata = build_metadata(cfg, plan, stats=stats, tokenizer=tokenizer)
+        metadata = build_metadata(cfg, plan, stats=stats, tokenizer=tokenizer, world_size=self.ranks.world)
         finish_staging(staging, features, names, fingerprint_of({"fields": output_fields(cfg), "plan": plan.to_dict()}), metadata)
         swap_into_place(staging, self.paths.out)

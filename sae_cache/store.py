@@ -69,6 +69,19 @@ class HookStats:
         self.max_abs = max(self.max_abs, units[:, 4].max().item())
         self.n_inf_after_cast += int(infs)
 
+    @classmethod
+    def combined(cls, raws: list[dict]) -> HookStats:
+        """One HookStats from the raw fields of several (the ranks' parts of a cache)."""
+        parts = [cls(**raw) for raw in raws]
+        return cls(
+            n_tokens=sum(p.n_tokens for p in parts),
+            total=sum(p.total for p in parts),
+            total_sq=sum(p.total_sq for p in parts),
+            total_norm=sum(p.total_norm for p in parts),
+            max_abs=max((p.max_abs for p in parts), default=0.0),
+            n_inf_after_cast=sum(p.n_inf_after_cast for p in parts),
+        )
+
     def to_dict(self, d: int) -> dict:
         n = max(self.n_tokens * d, 1)
         mean = self.total / n

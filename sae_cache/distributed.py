@@ -1,0 +1,85 @@
+"""Several processes (torchrun / torch.distributed) caching one dataset together.
+
+Owns who does what when a process group is initialised: batch b of the token stream belongs to rank
+b % world_size, so ranks take disjoint, deterministic parts of the input and each writes its own
+shards; rank 0 alone repairs, resets the work directory, consolidates, shuffles and publishes.
+Failures are shared (`all_ok`) so that no rank waits forever at a barrier for one that raised.
+Without a process group every function here is the single-process identity.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's rank and the number of processes."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def current() -> Ranks:
+    """The ranks of the initialised process group, or a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks()
+
+
+def init_from_env(device: str) -> str:
+    """Under torchrun (RANK and WORLD_SIZE set), initialise the process group; returns this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available() or dist.is_initialized():
+        return device
+    on_cuda = device.startswith("cuda") and torch.cuda.is_available()
+    dist.init_process_group(backend="nccl" if on_cuda else "gloo")
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if on_cuda else device
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.active:
+        dist.barrier()
+
+
+def all_ok(ranks: Ranks, ok: bool) -> bool:
+    """True when every rank reports ok (every rank must call this at the same point)."""
+    if not ranks.active:
+        return ok
+    flag = torch.tensor([0 if ok else 1])
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return int(flag.item()) == 0
+
+
+def rows_of_rank(n_rows: int, batch_size: int, ranks: Ranks) -> int:
+    """How many of the first n_rows rows fall in this rank's batches."""
+    n_batches = -(-n_rows // batch_size)
+    return sum(min(batch_size, n_rows - b * batch_size) for b in range(ranks.rank, n_batches, ranks.world))
+
+
+def batches_of_rank(rows: Iterator[torch.Tensor], batch_size: int, ranks: Ranks) -> Iterator[torch.Tensor]:
+    """The token rows of this rank's batches (b % world == rank), in order."""
+    if not ranks.active:
+        yield from rows
+        return
+    rows = iter(rows)
+    for b in itertools.count():
+        batch = list(itertools.islice(rows, batch_size))
+        if not batch:
+            return
+        if b % ranks.world == ranks.rank:
+            yield from batch
