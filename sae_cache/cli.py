@@ -157,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"sae_cache: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s")
+    from sae_cache import distributed
+
+    cfg.device = distributed.init_from_env(cfg.device)  # under torchrun: one process group, a device per rank
+    quiet = getattr(args, "quiet", False) or not distributed.current().is_main
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     return _run(cfg)
 
 
@@ -170,7 +174,8 @@ def _run(cfg: CacheActivationsRunnerConfig) -> int:
     except (ValueError, OSError, TypeError, RuntimeError) as e:
         print(f"sae_cache: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(_summary(runner, dataset))
+    if runner.ranks.is_main:
+        print(_summary(runner, dataset))
     return 0
 
 

@@ -30,13 +30,12 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
 ROW_BYTES = 16 * 32 * 4 + 16 * 4 + 17 * 4  # one row of the default hook: activations, token ids, offsets
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
+def build_tokenizer():
     return wrap_tokenizer(train_bpe_tokenizer(make_texts(300, seed=1), vocab_size=300))
 
 
-@pytest.fixture(scope="session")
-def model(tokenizer):
+def build_model(tokenizer) -> HookedTransformer:
+    """The tiny model: the same weights in every process (tests that spawn workers rebuild it)."""
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(
         n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64,
@@ -45,6 +44,16 @@ def model(tokenizer):
     model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
     model.eval()
     return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model(tokenizer):
+    return build_model(tokenizer)
 
 
 @pytest.fixture(scope="session")

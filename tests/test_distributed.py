@@ -1,0 +1,138 @@
+"""Several processes (gloo on CPU) cache one dataset together: same rows as one process, reproducible shuffle."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from sae_cache import CacheActivationsRunner
+from sae_cache.distributed import Ranks, batches_of_rank, rows_of_rank
+
+HOOK = "blocks.1.hook_resid_post"
+WORKER = r"""
+import json, os, signal, sys
+sys.path.insert(0, {tests!r})
+import torch, torch.distributed as dist
+from datasets import Dataset
+from conftest import build_model, build_tokenizer, make_texts
+from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig, store
+
+torch.set_num_threads(1)
+rank, world, init, options = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+kill_rank, kill_at = options.pop("kill_rank", None), options.pop("kill_at_forward", None)
+if rank == kill_rank:
+    real, calls = store.capture, [0]
+    def capture(*a, **k):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **k)
+    store.capture = capture
+cfg = CacheActivationsRunnerConfig(**options)
+ds = CacheActivationsRunner(cfg, override_dataset=Dataset.from_dict({{"text": make_texts(400)}}), model=build_model(build_tokenizer())).run()
+print(json.dumps({{"rank": rank, "rows": len(ds)}}))
+dist.destroy_process_group()
+"""
+
+
+def options(out: Path, **overrides) -> dict:
+    fields = dict(
+        dataset_path="x", model_name="tiny", model_batch_size=5, hook_name=HOOK, d_in=32, training_tokens=16 * 43,
+        context_size=16, new_cached_activations_path=str(out), shuffle=False, device="cpu",
+        buffer_size_gb=10 * (16 * 32 * 4 + 16 * 4 + 17 * 4) * 1.001 / 1e9,
+    )
+    return {**fields, **overrides}
+
+
+def run_ranks(world: int, opts: dict, tmp_path: Path, *, expect_ok: bool = True) -> list[subprocess.CompletedProcess]:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
+    init = f"file://{tmp_path}/init-{os.urandom(4).hex()}"
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(r), str(world), init, json.dumps(opts)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(world)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    if expect_ok:
+        for r in results:
+            assert r.returncode == 0, r.stderr[-3000:]
+    return results
+
+
+def rows_of(path) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = datasets.load_from_disk(str(path)).with_format("torch")[:]
+    return ds[HOOK], ds["token_ids"]
+
+
+def row_keys(acts, tokens) -> list[bytes]:
+    return sorted(a.numpy().tobytes() + t.numpy().tobytes() for a, t in zip(acts, tokens))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, request):
+    """The one-process reference caches, unshuffled and shuffled."""
+    from conftest import build_model, build_tokenizer, make_texts
+
+    model = build_model(build_tokenizer())
+    base = tmp_path_factory.mktemp("single")
+    data = datasets.Dataset.from_dict({"text": make_texts(400)})
+    from sae_cache import CacheActivationsRunnerConfig
+
+    plain = CacheActivationsRunner(CacheActivationsRunnerConfig(**options(base / "plain")), override_dataset=data, model=model).run()
+    return {"plain": base / "plain", "n": len(plain)}
+
+
+def test_rank_shares_partition_the_rows():
+    for n_rows, batch, world in [(43, 5, 2), (43, 5, 3), (10, 5, 3), (7, 10, 2)]:
+        shares = [rows_of_rank(n_rows, batch, Ranks(r, world)) for r in range(world)]
+        assert sum(shares) == n_rows
+        rows = [torch.tensor([i]) for i in range(n_rows)]
+        taken = sorted(int(t) for r in range(world) for t in batches_of_rank(iter(rows), batch, Ranks(r, world)))
+        assert taken == list(range(n_rows))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_cache_the_same_rows_as_one_process(single, tmp_path, world):
+    out = tmp_path / "multi"
+    results = run_ranks(world, options(out), tmp_path)
+    assert all(json.loads(r.stdout.strip().splitlines()[-1])["rows"] == single["n"] for r in results)
+    acts, tokens = rows_of(out)
+    ref_acts, ref_tokens = rows_of(single["plain"])
+    assert row_keys(acts, tokens) == row_keys(ref_acts, ref_tokens)  # bit-identical rows: same batches
+    meta = json.loads((out / "sae_cache.json").read_text())
+    assert meta["world_size"] == world and meta["hooks"][HOOK]["stats"]["tokens_seen"] == single["n"] * 16
+
+
+def test_shuffled_multi_rank_cache_is_reproducible(single, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_ranks(2, options(a, shuffle=True, seed=5), tmp_path)
+    run_ranks(2, options(b, shuffle=True, seed=5), tmp_path)
+    acts_a, tokens_a = rows_of(a)
+    acts_b, tokens_b = rows_of(b)
+    assert torch.equal(tokens_a, tokens_b) and torch.equal(acts_a, acts_b)
+    assert row_keys(acts_a, tokens_a) == row_keys(*rows_of(single["plain"]))
+
+
+def test_a_killed_rank_resumes(tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    run_ranks(2, options(ref, training_tokens=16 * 85, shuffle=True), tmp_path)
+    results = run_ranks(2, options(out, training_tokens=16 * 85, shuffle=True, kill_rank=1, kill_at_forward=5), tmp_path, expect_ok=False)
+    assert results[1].returncode == -signal.SIGKILL
+    assert results[0].returncode != 0 and not out.exists()  # rank 0 failed instead of waiting forever
+    shards = Path(str(out) + ".sae_cache-tmp") / "shards"
+    assert (shards / "rank_00001" / "shard_00000.json").exists()  # written before the kill, kept
+    run_ranks(2, options(out, training_tokens=16 * 85, shuffle=True, resume=True), tmp_path)
+    for name in sorted(p.name for p in ref.glob("*.arrow")):
+        assert (out / name).read_bytes() == (ref / name).read_bytes()
