@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +27,21 @@ STATE_FILE = "state.json"
 INFO_FILE = "dataset_info.json"
 
 
-def cache_features(hook_dims: dict[str, int], length: int, dtype: str) -> Features:
-    """The datasets Features of a cache: one Array2D column per hook, then token_ids."""
+def cache_features(hook_dims: dict[str, int], length: int, dtype: str, labels: dict[str, str] | None = None) -> Features:
+    """The datasets Features of a cache: one Array2D column per hook, token_ids, then numeric label columns."""
     columns: dict = {hook: Array2D(shape=(length, d), dtype=dtype) for hook, d in hook_dims.items()}
     columns[TOKEN_IDS] = Sequence(Value("int32"), length=length)
+    columns.update({name: Value(label_dtype) for name, label_dtype in (labels or {}).items()})
     return Features(columns)
+
+
+def feature_row_layout(feature) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape of one row's value and its numpy dtype, for every column type of a cache."""
+    if isinstance(feature, Array2D):
+        return tuple(feature.shape), np.dtype(feature.dtype)
+    if isinstance(feature, Value):
+        return (), np.dtype(feature.dtype)
+    return (feature.length,), np.dtype(feature.feature.dtype)
 
 
 def data_file_name(index: int, count: int) -> str:
@@ -61,6 +71,8 @@ def record_batch(features: Features, columns: dict[str, np.ndarray]) -> pa.Recor
         values = np.ascontiguousarray(columns[name])
         if name == TOKEN_IDS:
             arrays.append(_token_array(values.astype(np.int32, copy=False)))
+        elif isinstance(feature, Value):
+            arrays.append(pa.array(values.reshape(-1), type=feature.pa_type))
         else:
             arrays.append(_array2d(values.astype(feature.dtype, copy=False), feature.dtype))
     return pa.RecordBatch.from_arrays(arrays, schema=features.arrow_schema)
@@ -111,6 +123,8 @@ def _column_view(array: pa.Array) -> np.ndarray:
     if isinstance(array, pa.ExtensionArray):
         array = array.storage
     rows = len(array)
+    if not pa.types.is_list(array.type) and not pa.types.is_fixed_size_list(array.type):
+        return array.to_numpy(zero_copy_only=False)
     if pa.types.is_fixed_size_list(array.type):
         return array.flatten().to_numpy(zero_copy_only=True).reshape(rows, -1)
     inner = array.flatten()
@@ -218,7 +232,7 @@ def _column_array(feature, values) -> pa.Array:
     raise TypeError(f"no numpy conversion for feature {feature!r}: give its column as an Arrow array")
 
 
-def write_record_batches(path: Path, features: Features, batches: Iterator[pa.RecordBatch]) -> int:
+def write_record_batches(path: Path, features: Features, batches: Iterable[pa.RecordBatch]) -> int:
     """Write record batches to one Arrow IPC stream file, fsynced; returns the row count."""
     rows = 0
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, features.arrow_schema) as writer:

@@ -75,6 +75,7 @@ _SPECIAL: dict[str, dict[str, Any]] = {
     "seqpos_slice": {"type": _int_or_none, "nargs": "+", "metavar": "START_STOP_STEP"},
     "sequence_separator_token": {"type": _optional(str), "metavar": "bos|eos|sep|ID|none"},
     "exclude_special_tokens": {"type": _exclude, "metavar": "true|false|ID,ID"},
+    "label_columns": {"type": str, "metavar": "COL[,COL...]"},
     "model_kwargs": {"type": _json, "metavar": "JSON"},
     "model_from_pretrained_kwargs": {"type": _json, "metavar": "JSON"},
 }

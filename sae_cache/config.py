@@ -137,6 +137,10 @@ class CacheActivationsRunnerConfig:
     shuffle_across_sequences: bool = False
     """Shuffle individual positions across sequences, so a stored row mixes many sequences (each activation keeps its token id). Needs shuffle."""
 
+    label_columns: list[str] = field(default_factory=list)
+    """Numeric input columns (ints, floats, bools) copied into every cache row, for rows that map to one input row:
+    a pretokenized dataset, or raw text with disable_concat_sequences. Not with shuffle_across_sequences."""
+
     overwrite: bool = False
     """Replace an existing cache at the output path (atomically: the old one stays until the new one is complete)."""
 
@@ -284,6 +288,19 @@ def _check_shuffle_options(cfg: CacheActivationsRunnerConfig) -> None:
         )
 
 
+def _check_labels(cfg: CacheActivationsRunnerConfig) -> None:
+    labels = cfg.label_columns
+    if isinstance(labels, str):
+        cfg.label_columns = labels = [c.strip() for c in labels.split(",") if c.strip()]
+    if not labels:
+        return
+    if cfg.shuffle_across_sequences:
+        raise ValueError("label_columns cannot be used with shuffle_across_sequences=True: a stored row then mixes many inputs.")
+    reserved = set(cfg.hook_names) | {"token_ids"}
+    if reserved & set(labels) or len(set(labels)) != len(labels):
+        raise ValueError(f"label_columns={labels!r} repeats a name or uses a hook name / token_ids: name each input column once.")
+
+
 def _check_separator(cfg: CacheActivationsRunnerConfig) -> None:
     sep = cfg.sequence_separator_token
     if sep is None or (isinstance(sep, int) and not isinstance(sep, bool) and sep >= 0):
@@ -307,5 +324,6 @@ _CHECKS = (
     _check_model,
     _check_shuffle_options,
     _check_separator,
+    _check_labels,
     _check_run_mode,
 )

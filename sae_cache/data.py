@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
 
@@ -122,7 +123,12 @@ def token_rows(
     context_size: int,
     special: SpecialTokens,
 ) -> Iterator[torch.Tensor]:
-    """Token rows of exactly context_size tokens, as SAELens's ActivationsStore builds them."""
+    """Token rows of exactly context_size tokens, as SAELens's ActivationsStore builds them.
+
+    With cfg.label_columns every item is a (row, labels) pair: each row comes from one input row.
+    """
+    if cfg.label_columns:
+        return _labeled_rows(dataset, column, model=model, cfg=cfg, context_size=context_size, special=special)
     values = (row[column.name] for row in dataset)
     if column.pretokenized:
         return truncate_pretokenized(values, context_size=context_size)
@@ -157,6 +163,39 @@ def check_dataset_size(dataset, column: InputColumn, *, rows_needed: int, contex
             f"{rows_needed * context_size:,} needed; the run will stop when the data runs out."
         )
     return None
+
+
+def label_dtypes(dataset, column: InputColumn, cfg: CacheActivationsRunnerConfig, row: dict) -> dict[str, str]:
+    """The numpy dtype of every label column (checked before any work: present, numeric, one row per input)."""
+    if not cfg.label_columns:
+        return {}
+    if not column.pretokenized and not cfg.disable_concat_sequences:
+        raise ValueError(
+            "label_columns needs each cache row to come from one input row: set disable_concat_sequences=True "
+            "(or use a pretokenized dataset)."
+        )
+    missing = [c for c in cfg.label_columns if c not in row]
+    if missing:
+        raise ValueError(f"label_columns {missing} are not columns of the dataset (it has {sorted(row)}).")
+    dtypes = {}
+    for name in cfg.label_columns:
+        dtype = np.asarray(row[name]).dtype
+        if dtype.kind not in "biuf" or np.asarray(row[name]).ndim:
+            raise ValueError(f"label column {name!r} holds {row[name]!r}: only numeric scalars (ints, floats, bools) can be carried; map it to ids first.")
+        dtypes[name] = "bool" if dtype.kind == "b" else ("float64" if dtype.kind == "f" else "int64")
+    return dtypes
+
+
+def _labeled_rows(dataset, column: InputColumn, *, model, cfg, context_size: int, special: SpecialTokens) -> Iterator[tuple[torch.Tensor, dict]]:
+    for row in dataset:
+        value = row[column.name]
+        if column.pretokenized:
+            rows = truncate_pretokenized([value], context_size=context_size)
+        else:
+            sequence = next(_tokenize(iter([value]), model, chat=cfg.use_chat_formatting))
+            rows = pack_sequences([sequence], context_size=context_size, bos_token_id=special.bos, separator_token_id=None, disable_concat=True)
+        for tokens in rows:
+            yield tokens, {name: row[name] for name in cfg.label_columns}
 
 
 def special_token_ids(cfg: CacheActivationsRunnerConfig, tokenizer) -> list[int] | None:

@@ -42,6 +42,7 @@ from sae_cache.data import (
     check_dataset_size,
     find_column,
     first_row,
+    label_dtypes,
     open_dataset,
     resolve_context_size,
     resolve_special_tokens,
@@ -66,6 +67,7 @@ class _Resolved:
     dataset: Any
     column: Any
     special: SpecialTokens
+    labels: dict[str, str]
     plan: CachePlan
 
 
@@ -148,12 +150,13 @@ class CacheActivationsRunner:
         hook_dims = probe_hook_dims(model, cfg.hook_names)
         self._check_d_in(hook_dims)
         special = resolve_special_tokens(cfg, getattr(model, "tokenizer", None))
+        labels = label_dtypes(dataset, column, cfg, first_row(dataset))
         plan = make_plan(cfg, context_size=context_size, hook_dims=hook_dims)
         if not cfg.use_chat_formatting:
             warning = check_dataset_size(dataset, column, rows_needed=plan.n_rows, context_size=context_size, model=model)
             if warning:
                 warnings.warn(warning, RuntimeWarning, stacklevel=2)
-        self._resolved = _Resolved(model=model, dataset=dataset, column=column, special=special, plan=plan)
+        self._resolved = _Resolved(model=model, dataset=dataset, column=column, special=special, labels=labels, plan=plan)
         return self._resolved
 
     def _check_model_context(self, model: Any, context_size: int) -> None:
@@ -206,6 +209,11 @@ class CacheActivationsRunner:
 
     # -- shards -------------------------------------------------------------------------------------
 
+    def _features(self):
+        resolved = self._resolve()
+        plan = resolved.plan
+        return cache_features(plan.hook_dims, plan.sliced_context_size, self.cfg.dtype, labels=resolved.labels)
+
     def _shard_dir(self, rank: int) -> Path:
         return self.paths.shards / f"rank_{rank:05d}" if self.ranks.active else self.paths.shards
 
@@ -218,7 +226,7 @@ class CacheActivationsRunner:
         """Compute this rank's buffers not yet on disk and write them as shards (the writer overlaps the compute)."""
         resolved = self._resolve()
         plan = self._rank_plan(self.ranks.rank)
-        features = cache_features(plan.hook_dims, plan.sliced_context_size, self.cfg.dtype)
+        features = self._features()
         self._shard_dir(self.ranks.rank).mkdir(parents=True, exist_ok=True)
         writer = ShardWriter(self._shard_dir(self.ranks.rank), features)
         done = writer.complete_shards(plan.n_buffers)
@@ -268,6 +276,7 @@ class CacheActivationsRunner:
             model_kwargs=cfg.model_kwargs,
             exclude_token_ids=resolved.special.excluded,
             fp16_overflow=cfg.fp16_overflow,
+            label_dtypes=resolved.labels,
         )
 
     # -- publishing ---------------------------------------------------------------------------------
@@ -290,7 +299,7 @@ class CacheActivationsRunner:
             return
         cfg, plan = self.cfg, self._resolve().plan
         shard_files, stats = self._rank_shards()
-        features = cache_features(plan.hook_dims, plan.sliced_context_size, cfg.dtype)
+        features = self._features()
         staging = self.paths.staging
         if cfg.shuffle:
             reset_dir(staging)

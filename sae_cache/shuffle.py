@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Features
 
-from sae_cache.arrow_format import TOKEN_IDS, ArrowFileWriter, data_file_name, read_arrow_columns
+from sae_cache.arrow_format import TOKEN_IDS, ArrowFileWriter, data_file_name, feature_row_layout, read_arrow_columns
 from sae_cache.consolidate import reset_dir
 
 KEY_BLOCK = 1 << 16  # keys are generated in blocks of this many items, each block from (seed, block index)
@@ -65,11 +65,10 @@ def shuffle_shards(
 
 
 def _bytes_per_row(features: Features) -> int:
-    length = features[TOKEN_IDS].length
-    total = 4 * length
-    for name, feature in features.items():
-        if name != TOKEN_IDS:
-            total += int(np.prod(feature.shape)) * np.dtype(feature.dtype).itemsize
+    total = 0
+    for feature in features.values():
+        shape, dtype = feature_row_layout(feature)
+        total += int(np.prod(shape)) * dtype.itemsize
     return total
 
 
@@ -153,7 +152,7 @@ class _RowSink:
 def _gather(scratch: Path, out_dir: Path, features: Features, *, n_buckets: int, n_rows: int, rows_per_file: int, across: bool) -> list[str]:
     names = list(features)
     length = features[TOKEN_IDS].length
-    shapes = {name: _row_shape(features, name) for name in names}
+    layouts = {name: feature_row_layout(features[name]) for name in names}
     sink = _RowSink(out_dir, features, n_rows=n_rows, rows_per_file=rows_per_file)
     carry: dict[str, np.ndarray] | None = None
     for bucket in range(n_buckets):
@@ -163,23 +162,17 @@ def _gather(scratch: Path, out_dir: Path, features: Features, *, n_buckets: int,
         order = np.argsort(np.fromfile(key_path, dtype=np.int64), kind="stable")
         items = {}
         for i, name in enumerate(names):
-            dtype = np.int32 if name == TOKEN_IDS else np.dtype(features[name].dtype)
-            flat = np.fromfile(scratch / f"{bucket:06d}.{i}", dtype=dtype)
+            flat = np.fromfile(scratch / f"{bucket:06d}.{i}", dtype=layouts[name][1])
             items[name] = flat.reshape(len(order), -1)[order]
         for path in scratch.glob(f"{bucket:06d}.*"):
             os.remove(path)
         if across:
             items, carry = _pack_positions(items, carry, length)
-        sink.write({name: items[name].reshape(-1, *shapes[name]) for name in names})
+        sink.write({name: items[name].reshape(-1, *layouts[name][0]) for name in names})
     sink.close()
     if sink.file_index != sink.n_files:
         raise RuntimeError(f"the shuffle wrote {sink.file_index} data files, expected {sink.n_files}: the shards are inconsistent.")
     return sink.names
-
-
-def _row_shape(features: Features, name: str) -> tuple[int, ...]:
-    feature = features[name]
-    return (feature.length,) if name == TOKEN_IDS else tuple(feature.shape)
 
 
 def _pack_positions(items: dict[str, np.ndarray], carry: dict[str, np.ndarray] | None, length: int):

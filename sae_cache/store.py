@@ -103,6 +103,7 @@ class _Chunk:
     acts: dict[str, torch.Tensor]  # hook -> [units, unit width], storage dtype
     tokens: torch.Tensor  # [units, tokens per unit], host
     unit_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [rows, 1], host
 
 
 class ActivationsStore:
@@ -121,8 +122,10 @@ class ActivationsStore:
         model_kwargs: dict | None = None,
         exclude_token_ids: list[int] | None = None,
         fp16_overflow: str = "error",
+        label_dtypes: dict[str, str] | None = None,
     ) -> None:
         self.model = model
+        self.label_dtypes = label_dtypes or {}
         self.token_rows = token_rows
         self.plan = plan
         self.batch_size = batch_size
@@ -144,7 +147,9 @@ class ActivationsStore:
         """Host tensors for one full buffer, pinned when the model is on CUDA."""
         plan = self.plan
         pin = self.device.type == "cuda"
-        return allocate_host_buffer(plan.hook_dims, plan.rows_per_buffer, plan.sliced_context_size, self.storage_dtype, pin=pin)
+        return allocate_host_buffer(
+            plan.hook_dims, plan.rows_per_buffer, plan.sliced_context_size, self.storage_dtype, pin=pin, labels=self.label_dtypes
+        )
 
     def buffers(
         self,
@@ -205,6 +210,8 @@ class ActivationsStore:
             self.stats[hook].add(chunk.unit_stats[hook][start:stop])
             dest[hook][at : at + n].copy_(chunk.acts[hook][start:stop], non_blocking=True)
         dest[TOKEN_IDS][at : at + n].copy_(chunk.tokens[start:stop])
+        for name, values in chunk.labels.items():
+            dest[name][at : at + n].copy_(values[start:stop])
 
     def _chunks(self, start_batch: int) -> Iterator[_Chunk]:
         """Host chunks of every batch from start_batch on (rows, or kept positions when excluding)."""
@@ -218,7 +225,15 @@ class ActivationsStore:
             batch = list(itertools.islice(rows, self.batch_size))
             if not batch:
                 return
+            labels = {}
+            if self.label_dtypes:
+                batch, label_rows = zip(*batch)
+                labels = {
+                    name: torch.tensor([r[name] for r in label_rows], dtype=getattr(torch, dtype)).view(-1, 1)
+                    for name, dtype in self.label_dtypes.items()
+                }
             chunk = self._compute(batch_index, torch.stack(batch))
+            chunk.labels = labels
             self._batches_done = batch_index + 1
             yield chunk
 

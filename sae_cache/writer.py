@@ -159,8 +159,11 @@ class ShardWriter:
             raise self._error
 
 
-def allocate_host_buffer(hook_dims: dict[str, int], rows: int, length: int, dtype: torch.dtype, *, pin: bool) -> dict[str, torch.Tensor]:
-    """Host tensors for one buffer: (rows, length, d) per hook and (rows, length) int32 token ids."""
+def allocate_host_buffer(
+    hook_dims: dict[str, int], rows: int, length: int, dtype: torch.dtype, *, pin: bool, labels: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Host tensors for one buffer: (rows, length, d) per hook, (rows, length) int32 token ids, (rows,) per label."""
     tensors = {hook: torch.empty((rows, length, d), dtype=dtype, pin_memory=pin) for hook, d in hook_dims.items()}
     tensors[TOKEN_IDS] = torch.empty((rows, length), dtype=torch.int32, pin_memory=pin)
+    tensors.update({name: torch.empty(rows, dtype=getattr(torch, label_dtype)) for name, label_dtype in (labels or {}).items()})
     return tensors

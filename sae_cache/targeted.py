@@ -1,0 +1,364 @@
+"""Position-targeted caching: activations at a target substring's tokens, one row per prompt, with labels.
+
+Owns, for input rows of (prompt, target substring, label columns): finding the target's token span
+from character offsets, choosing the cached positions (the last `n_positions` tokens of the span),
+length-sorted right-padded batching cut at each prompt's last cached token, one `capture` per batch
+with an automatic batch size (halved on CUDA out-of-memory), and assembling the rows in input (or
+seeded shuffled) order. arrow_format owns the columns' layout; consolidate's staging and swap publish
+the cache. docs/targeted.md explains the choices and the measured padding savings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from sae_cache.arrow_format import (
+    POSITIONS, SOURCE_INDEX, TOKEN_IDS, data_file_name, fingerprint_of, mixed_record_batch, targeted_features,
+    write_record_batches,
+)
+from sae_cache.config import STORAGE_DTYPES
+from sae_cache.consolidate import (
+    RunPaths, finish_staging, is_complete_cache, is_empty_dir, remove_work, repair_interrupted_swap, reset_dir,
+    swap_into_place,
+)
+from sae_cache.model import capture, check_hook_names, model_device, probe_hook_dims
+
+logger = logging.getLogger("sae_cache")
+CHOICES = {"occurrence": ("first", "last"), "short_span": ("pad", "skip"), "output_order": ("input", "shuffle")}
+FILE_BYTES = 256 * 2**20  # activation bytes per data file
+
+
+@dataclass
+class TargetedCacheConfig:
+    """Which prompts, which tokens of them, which hooks, and where the cache goes."""
+
+    output_path: str
+    """Directory of the cache, published atomically; `datasets.load_from_disk` opens it."""
+
+    hook_names: list[str] | str
+    """TransformerLens hook name(s) recorded in one forward pass (a list or a comma-separated string); one column each."""
+
+    prompt_column: str = "prompt"
+    """Input column holding the prompt text."""
+
+    target_column: str = "target"
+    """Input column holding the substring whose tokens are cached (matched exactly, case-sensitive)."""
+
+    label_columns: list[str] = field(default_factory=list)
+    """Input columns copied unchanged into each output row (any datasets feature type)."""
+
+    n_positions: int = 1
+    """Cache the last n_positions tokens of the target's token span (1: its final token)."""
+
+    occurrence: str = "first"
+    """Where a target occurring more than once is taken: "first" or "last" (rows with several are counted)."""
+
+    short_span: str = "pad"
+    """A span of fewer than n_positions tokens: "pad" (left-pad positions with -1 and activations with zeros) or "skip" the row."""
+
+    prepend_bos: bool | None = None
+    """Put the BOS token before each prompt; None follows the model's default_prepend_bos."""
+
+    batch_size: int = 32
+    """Prompts per forward pass (the first size tried when auto_batch_size)."""
+
+    auto_batch_size: bool = True
+    """On CUDA out-of-memory, halve the batch and go on; the size found is logged and written to the metadata."""
+
+    sort_by_length: bool = True
+    """Batch prompts of similar length together, longest first, to cut padding; the output order is unaffected."""
+
+    output_order: str = "input"
+    """Order of the output rows: "input" (dataset order, skipped rows left out) or "shuffle" (seeded permutation)."""
+
+    seed: int = 0
+    """Seed of the "shuffle" output order."""
+
+    dtype: str = "float32"
+    """Storage dtype of the activations: float32, float16 or float64."""
+
+    overwrite: bool = False
+    """Replace whatever is at output_path (atomically: the old cache stays until the new one is complete)."""
+
+    def __post_init__(self) -> None:
+        names = self.hook_names.split(",") if isinstance(self.hook_names, str) else list(self.hook_names)
+        self.hook_names = [n.strip() for n in names]
+        if not self.hook_names or not all(self.hook_names) or len(set(self.hook_names)) != len(self.hook_names):
+            raise ValueError(f"hook_names={names!r} must name at least one hook, each once and none empty.")
+        for name in ("n_positions", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        if str(self.dtype) not in STORAGE_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} cannot be stored: use float32, float16 or float64.")
+        self.dtype = STORAGE_DTYPES[str(self.dtype)]
+        self.label_columns = list(self.label_columns)
+        if self.prompt_column == self.target_column:
+            raise ValueError(f"prompt_column and target_column are both {self.prompt_column!r}: name two columns.")
+        outputs = [TOKEN_IDS, POSITIONS, SOURCE_INDEX, *self.hook_names, *self.label_columns]
+        clashes = sorted({c for c in outputs if outputs.count(c) > 1})
+        if clashes:
+            raise ValueError(
+                f"output column(s) {clashes} would appear twice: label_columns may not repeat a column, a hook "
+                f"name or the reserved {TOKEN_IDS!r}, {POSITIONS!r}, {SOURCE_INDEX!r} (rename the input column)."
+            )
+
+
+@dataclass(frozen=True)
+class LocatedPrompt:
+    """One kept prompt: its input row, its tokens and the positions to cache (-1 marks padding)."""
+
+    source_index: int
+    token_ids: np.ndarray
+    positions: np.ndarray
+
+    @property
+    def forward_length(self) -> int:
+        """Tokens the forward pass needs: causal attention makes later tokens irrelevant to the cached ones."""
+        return int(self.positions.max()) + 1
+
+
+def find_target(text: str, target: str, occurrence: str) -> tuple[int, int] | None:
+    """Character span [start, end) of the first or last occurrence of `target` in `text`; None if absent or empty."""
+    start = text.find(target) if occurrence == "first" else text.rfind(target)
+    return None if not target or start < 0 else (start, start + len(target))
+
+
+def token_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]], str]:
+    """Token ids of `text` (no special tokens), each token's character span, and the text the spans index.
+
+    Fast tokenizers give the spans in `text` itself. Otherwise they come from decoding growing prefixes
+    (a token that leaves a character unfinished spans that character) and index the decoded text.
+    """
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], text
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    offsets, done = [], 0
+    for n in range(1, len(ids) + 1):
+        prefix = tokenizer.decode(ids[:n], clean_up_tokenization_spaces=False)
+        finished = max(done, len(prefix.rstrip("\ufffd")))
+        offsets.append((done, finished + (finished < len(prefix))))
+        done = finished
+    return ids, offsets, tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+
+def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
+    """Token indices [first, last + 1) of the tokens sharing a character with [start, end) (zero-width tokens never)."""
+    hits = [i for i, (s, e) in enumerate(offsets) if s < e and s < end and e > start]
+    return (hits[0], hits[-1] + 1) if hits else None
+
+
+def span_positions(span: tuple[int, int], n_positions: int, short_span: str) -> np.ndarray | None:
+    """The last n_positions token indices of `span`, left-padded with -1 when it is shorter ("pad") or None ("skip")."""
+    first = max(span[0], span[1] - n_positions)
+    kept = np.arange(first, span[1], dtype=np.int64)
+    if len(kept) < n_positions and short_span == "skip":
+        return None
+    return np.concatenate([np.full(n_positions - len(kept), -1, dtype=np.int64), kept])
+
+
+def locate_prompts(
+    prompts: list[str], targets: list[str], tokenizer, *, occurrence: str, n_positions: int, short_span: str,
+    bos_token_id: int | None, n_ctx: int | None,
+) -> tuple[list[LocatedPrompt], Counter]:
+    """Tokenize every prompt and find its cached positions; skipped rows are counted by reason, never kept."""
+    counts: Counter = Counter()
+    located = []
+    prefix = [] if bos_token_id is None else [bos_token_id]
+    for index, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+        ids, offsets, text = token_offsets(tokenizer, prompt or "")
+        chars = find_target(text, target or "", occurrence)
+        span = None if chars is None else token_span(offsets, *chars)
+        if span is None:
+            counts["not_found"] += 1
+            continue
+        counts["multiple_occurrences"] += text.find(target, text.find(target) + 1) >= 0
+        positions = span_positions((span[0] + len(prefix), span[1] + len(prefix)), n_positions, short_span)
+        if positions is None:
+            counts["short_span"] += 1
+        elif n_ctx is not None and positions.max() >= n_ctx:
+            counts["beyond_context"] += 1
+        else:
+            located.append(LocatedPrompt(index, np.asarray(prefix + ids, dtype=np.int32), positions))
+    return located, counts
+
+
+def length_order(lengths: np.ndarray, sort_by_length: bool) -> np.ndarray:
+    """Order in which rows are batched: longest first (so an out-of-memory shows at once), or as given."""
+    return np.argsort(-np.asarray(lengths), kind="stable") if sort_by_length else np.arange(len(lengths))
+
+
+def padding_tokens(lengths: np.ndarray, order: np.ndarray, batch_size: int) -> int:
+    """Pad tokens in the right-padded batches of `batch_size` consecutive rows of `order`."""
+    lengths = np.asarray(lengths)[order]
+    return int(sum(b.max() * len(b) - b.sum() for b in np.split(lengths, range(batch_size, len(lengths), batch_size))))
+
+
+def batch_activations(model, rows: list[LocatedPrompt], hook_names: list[str], pad_token_id: int) -> dict:
+    """{hook: acts [rows, n_positions, d]} from one right-padded, masked forward pass; -1 positions give zeros."""
+    device = model_device(model)
+    length = max(r.forward_length for r in rows)
+    tokens_BL = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    mask_BL = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = r.forward_length
+        tokens_BL[i, :n] = torch.from_numpy(r.token_ids[:n].astype(np.int64))
+        mask_BL[i, :n] = 1
+    positions_BN = torch.from_numpy(np.stack([r.positions for r in rows])).to(device)
+    acts = capture(model, tokens_BL.to(device), hook_names, model_kwargs={"attention_mask": mask_BL.to(device)})
+    rows_B1 = torch.arange(len(rows), device=device)[:, None]
+    keep_BN1 = (positions_BN >= 0)[..., None]
+    return {h: torch.where(keep_BN1, acts[h][rows_B1, positions_BN.clamp(min=0)], 0) for h in hook_names}
+
+
+def run_batches(model, located: list[LocatedPrompt], order: np.ndarray, cfg: TargetedCacheConfig, pad_token_id: int, sink):
+    """Feed batches in `order` through the model, calling sink(indices, acts); returns (batch size found, pad tokens)."""
+    size, start, pads = cfg.batch_size, 0, 0
+    while start < len(order):
+        chunk = order[start : start + size]
+        rows = [located[i] for i in chunk]
+        try:
+            acts = batch_activations(model, rows, cfg.hook_names, pad_token_id)
+        except torch.cuda.OutOfMemoryError:
+            if not cfg.auto_batch_size or len(chunk) == 1:
+                raise
+            acts = None
+        if acts is None:
+            size = len(chunk) // 2
+            logger.warning("CUDA out of memory with %d prompts per batch; going on with %d", len(chunk), size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        sink(chunk, acts)
+        lengths = [r.forward_length for r in rows]
+        pads += max(lengths) * len(rows) - sum(lengths)
+        start += size
+    return size, pads
+
+
+def cache_targeted(cfg: TargetedCacheConfig, dataset: datasets.Dataset, model) -> datasets.Dataset:
+    """Cache the activations at each prompt's target tokens and return the published cache (see the module docstring)."""
+    tokenizer, bos, n_ctx = _check_inputs(cfg, dataset, model)
+    paths = RunPaths(Path(cfg.output_path))
+    _check_output(cfg, paths)
+    located, counts = locate_prompts(
+        dataset[cfg.prompt_column], dataset[cfg.target_column], tokenizer, occurrence=cfg.occurrence,
+        n_positions=cfg.n_positions, short_span=cfg.short_span, bos_token_id=bos, n_ctx=n_ctx,
+    )
+    if not located:
+        raise ValueError(f"no prompt kept out of {len(dataset)} (skipped: {dict(counts)}): check target_column and the prompts.")
+    hook_dims = probe_hook_dims(model, cfg.hook_names)
+    rng = np.random.default_rng(cfg.seed)
+    out_order = rng.permutation(len(located)) if cfg.output_order == "shuffle" else np.arange(len(located))
+    slot = np.argsort(out_order)
+    reset_dir(paths.work)
+    try:
+        store = {
+            h: np.lib.format.open_memmap(paths.work / f"acts-{i}.npy", "w+", cfg.dtype, (len(located), cfg.n_positions, d))
+            for i, (h, d) in enumerate(hook_dims.items())
+        }
+
+        def sink(chunk: np.ndarray, acts: dict) -> None:
+            for h, a in acts.items():
+                store[h][slot[chunk]] = a.to(getattr(torch, cfg.dtype)).cpu().numpy()
+
+        lengths = np.array([r.forward_length for r in located])
+        pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+        found, pads = run_batches(model, located, length_order(lengths, cfg.sort_by_length), cfg, pad_id, sink)
+        counts.update(input_rows=len(dataset), kept=len(located))
+        metadata = _metadata(cfg, model, hook_dims, counts, found, pads, int(lengths.sum()))
+        logger.info("targeted cache: kept %d of %d prompts (skipped %s), batch size %d",
+                    len(located), len(dataset), metadata["counts"], found)
+        _publish(cfg, paths, dataset, [located[i] for i in out_order], store, hook_dims, metadata)
+    except BaseException:
+        remove_work(paths)
+        raise
+    return datasets.load_from_disk(cfg.output_path)
+
+
+def _check_inputs(cfg: TargetedCacheConfig, dataset: datasets.Dataset, model) -> tuple:
+    """Everything checkable before a forward pass; returns the tokenizer, BOS id (or None) and n_ctx."""
+    missing = [c for c in (cfg.prompt_column, cfg.target_column, *cfg.label_columns) if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"column(s) {missing} are not in the dataset, which has {dataset.column_names}.")
+    for name in (cfg.prompt_column, cfg.target_column):
+        if dataset.features[name] not in (datasets.Value("string"), datasets.Value("large_string")):
+            raise ValueError(f"column {name!r} holds {dataset.features[name]}, not strings.")
+    check_hook_names(model, cfg.hook_names)
+    model_cfg = getattr(model, "cfg", None)
+    if getattr(model_cfg, "attention_dir", "causal") != "causal":
+        raise ValueError("targeted caching needs a causal model: right padding is exact only under causal attention.")
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer: set model.tokenizer (prompts are tokenized to find the targets).")
+    prepend = cfg.prepend_bos if cfg.prepend_bos is not None else getattr(model_cfg, "default_prepend_bos", True)
+    if prepend and tokenizer.bos_token_id is None:
+        raise ValueError("prepend_bos is on but the tokenizer has no BOS token: set prepend_bos=False.")
+    return tokenizer, tokenizer.bos_token_id if prepend else None, getattr(model_cfg, "n_ctx", None)
+
+
+def _check_output(cfg: TargetedCacheConfig, paths: RunPaths) -> None:
+    repair_interrupted_swap(paths.out)
+    if paths.out.exists() and not paths.out.is_dir():
+        raise ValueError(f"output_path={cfg.output_path!r} is a file: choose a directory path.")
+    if paths.out.exists() and not is_empty_dir(paths.out) and not cfg.overwrite:
+        what = "a finished cache" if is_complete_cache(paths.out) else "other files"
+        raise ValueError(f"{paths.out} already holds {what}: pass overwrite=True to replace it, or choose another path.")
+    if paths.work.exists() and not cfg.overwrite:
+        raise ValueError(f"{paths.work} is left from an unfinished run: remove it or pass overwrite=True.")
+
+
+def _metadata(cfg, model, hook_dims, counts: Counter, found: int, pads: int, tokens: int) -> dict:
+    skipped = {k: counts[k] for k in ("not_found", "short_span", "beyond_context")}
+    return {
+        "kind": "targeted",
+        "created_unix": int(time.time()),
+        "n_rows": counts["kept"],
+        "n_positions": cfg.n_positions,
+        "dtype": cfg.dtype,
+        "hooks": {h: {"d_in": d} for h, d in hook_dims.items()},
+        "counts": {"input_rows": counts["input_rows"], "kept": counts["kept"], "skipped": sum(skipped.values()),
+                   **skipped, "multiple_occurrences": counts["multiple_occurrences"]},
+        "batch_size": {"requested": cfg.batch_size, "found": found},
+        "padding": {"forward_tokens": tokens + pads, "pad_tokens": pads},
+        "model": getattr(getattr(model, "cfg", None), "model_name", type(model).__name__),
+        "tokenizer": getattr(model.tokenizer, "name_or_path", None) or type(model.tokenizer).__name__,
+        "config": asdict(cfg),
+    }
+
+
+def _publish(cfg, paths: RunPaths, dataset, rows: list[LocatedPrompt], store: dict, hook_dims, metadata) -> None:
+    """Write the rows (already in output order) into staging, then swap it into place and drop the work directory."""
+    labels = datasets.Features({c: dataset.features[c] for c in cfg.label_columns})
+    features = targeted_features(hook_dims, cfg.n_positions, cfg.dtype, labels)
+    label_rows = dataset.select_columns(cfg.label_columns).select([r.source_index for r in rows]).with_format("arrow")
+    row_bytes = cfg.n_positions * sum(hook_dims.values()) * np.dtype(cfg.dtype).itemsize
+    per_file = max(1, FILE_BYTES // row_bytes)
+    starts = range(0, len(rows), per_file)
+    names = [data_file_name(i, len(starts)) for i in range(len(starts))]
+    reset_dir(paths.staging)
+    for name, a in zip(names, starts):
+        part = rows[a : a + per_file]
+        columns = {TOKEN_IDS: [r.token_ids for r in part], POSITIONS: np.stack([r.positions for r in part]),
+                   SOURCE_INDEX: np.array([r.source_index for r in part], dtype=np.int64)}
+        columns.update({h: store[h][a : a + per_file] for h in hook_dims})
+        table = label_rows[a : a + per_file]
+        columns.update({c: table.column(c) for c in cfg.label_columns})
+        write_record_batches(paths.staging / name, features, [mixed_record_batch(features, columns)])
+    fingerprint = fingerprint_of({"config": asdict(cfg), "data": getattr(dataset, "_fingerprint", None), "rows": len(rows)})
+    finish_staging(paths.staging, features, names, fingerprint, metadata)
+    swap_into_place(paths.staging, paths.out)
+    store.clear()
+    remove_work(paths)
