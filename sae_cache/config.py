@@ -142,10 +142,10 @@ class CacheActivationsRunnerConfig:
     a pretokenized dataset, or raw text with disable_concat_sequences. Not with shuffle_across_sequences."""
 
     overwrite: bool = False
-    """Replace an existing cache at the output path (atomically: the old one stays until the new one is complete)."""
+    """Replace an existing cache at the output path (atomically: the old one stays until the new one is complete). Without resume, an interrupted run's shards are discarded."""
 
     resume: bool = False
-    """Continue an interrupted run from its last complete shard (the configuration must produce the same output)."""
+    """Continue an interrupted run from its last complete shard (the configuration must produce the same output); an interrupted overwrite run goes on replacing the old cache."""
 
     fp16_overflow: str = "error"
     """What to do when float16 storage turns values into inf: error (stop with a message) or warn (store inf, count it in the metadata)."""
@@ -311,8 +311,6 @@ def _check_separator(cfg: CacheActivationsRunnerConfig) -> None:
 
 
 def _check_run_mode(cfg: CacheActivationsRunnerConfig) -> None:
-    if cfg.overwrite and cfg.resume:
-        raise ValueError("overwrite=True and resume=True contradict each other: choose one.")
     if cfg.fp16_overflow not in ("error", "warn"):
         raise ValueError(f"fp16_overflow={cfg.fp16_overflow!r} must be 'error' or 'warn'.")
 

@@ -2,7 +2,7 @@
 
 Owns where a run keeps its work (a sibling temporary directory `<out>.sae_cache-tmp` holding the
 shards, the shuffle scratch and the staged cache), consolidation of shards into a staged cache
-without rewriting activation bytes (hard links, or renames where links are impossible), and the
+without rewriting activation bytes (hard links; copies only where a filesystem has none), and the
 backup-and-rename swap that puts a staged cache in place:
 
     out -> out.sae_cache-backup;  staging -> out;  remove backup
@@ -80,12 +80,14 @@ def is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def link_or_move(src: Path, dst: Path) -> None:
-    """Give the bytes of `src` a second name `dst` without copying them."""
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Give the bytes of `src` a second name `dst`: a hard link (no bytes rewritten), or a copy where the
+    filesystem has no hard links. Never a move: the shard must stay until the cache is published."""
     try:
         os.link(src, dst)
     except OSError:
-        os.replace(src, dst)
+        shutil.copyfile(src, dst)
+        fsync_path(dst)
 
 
 def stage_shards(shard_files: list[Path], staging: Path) -> list[str]:
@@ -93,7 +95,7 @@ def stage_shards(shard_files: list[Path], staging: Path) -> list[str]:
     reset_dir(staging)
     names = [data_file_name(i, len(shard_files)) for i in range(len(shard_files))]
     for src, name in zip(shard_files, names, strict=True):
-        link_or_move(src, staging / name)
+        link_or_copy(src, staging / name)
     return names
 
 

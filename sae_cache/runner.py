@@ -187,13 +187,18 @@ class CacheActivationsRunner:
         out = self.paths.out
         if out.exists() and not out.is_dir():
             raise ValueError(f"new_cached_activations_path={str(out)!r} is a file: choose a directory path.")
-        if out.exists() and not is_empty_dir(out) and not self.cfg.overwrite:
+        if out.exists() and not is_empty_dir(out) and not (self.cfg.overwrite or self._resuming_an_overwrite()):
             what = "a finished cache" if is_complete_cache(out) else "other files"
             raise ValueError(f"{out} already holds {what}: pass overwrite=True to replace it, or choose another path.")
         if self.paths.work.exists() and not (self.cfg.resume or self.cfg.overwrite):
             raise ValueError(
                 f"{self.paths.work} holds an interrupted run: pass resume=True to continue it or overwrite=True to start over."
             )
+
+    def _resuming_an_overwrite(self) -> bool:
+        """resume=True continuing a run that was started with overwrite=True."""
+        run_file = self.paths.run_file
+        return self.cfg.resume and run_file.exists() and bool(read_json(run_file).get("overwrite"))
 
     def _check_disk_space(self, plan: CachePlan) -> None:
         anchor = self.paths.out
@@ -258,7 +263,7 @@ class CacheActivationsRunner:
             return
         reset_dir(self.paths.work)
         self.paths.shards.mkdir()
-        write_json_atomic(self.paths.run_file, identity)
+        write_json_atomic(self.paths.run_file, {**identity, "overwrite": self.cfg.overwrite})
 
     def _make_store(self, resolved: _Resolved, plan: CachePlan) -> ActivationsStore:
         cfg = self.cfg

@@ -1,11 +1,11 @@
 """Position-targeted caching: activations at a target substring's tokens, one row per prompt, with labels.
 
-Owns, for input rows of (prompt, target substring, label columns): finding the target's token span
-from character offsets, choosing the cached positions (the last `n_positions` tokens of the span),
-length-sorted right-padded batching cut at each prompt's last cached token, one `capture` per batch
-with an automatic batch size (halved on CUDA out-of-memory), and assembling the rows in input (or
-seeded shuffled) order. arrow_format owns the columns' layout; consolidate's staging and swap publish
-the cache. docs/targeted.md explains the choices and the measured padding savings.
+Owns `TargetedCacheConfig` and `cache_targeted`: for input rows of (prompt, target substring, label
+columns), length-sorted right-padded batches cut at each prompt's last cached token, one `capture` per
+batch with an automatic batch size (halved on CUDA out-of-memory), and the rows in input (or seeded
+shuffled) order with their labels. target_spans finds the cached positions (pure), arrow_format owns
+the columns' layout, consolidate's staging and swap publish the cache. docs/targeted.md explains the
+choices and the measured padding savings.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from sae_cache.consolidate import (
     swap_into_place,
 )
 from sae_cache.model import capture, check_hook_names, model_device, probe_hook_dims
+from sae_cache.target_spans import LocatedPrompt, locate_prompts
 
 logger = logging.getLogger("sae_cache")
 CHOICES = {"occurrence": ("first", "last"), "short_span": ("pad", "skip"), "output_order": ("input", "shuffle")}
@@ -115,86 +116,6 @@ class TargetedCacheConfig:
             )
 
 
-@dataclass(frozen=True)
-class LocatedPrompt:
-    """One kept prompt: its input row, its tokens and the positions to cache (-1 marks padding)."""
-
-    source_index: int
-    token_ids: np.ndarray
-    positions: np.ndarray
-
-    @property
-    def forward_length(self) -> int:
-        """Tokens the forward pass needs: causal attention makes later tokens irrelevant to the cached ones."""
-        return int(self.positions.max()) + 1
-
-
-def find_target(text: str, target: str, occurrence: str) -> tuple[int, int] | None:
-    """Character span [start, end) of the first or last occurrence of `target` in `text`; None if absent or empty."""
-    start = text.find(target) if occurrence == "first" else text.rfind(target)
-    return None if not target or start < 0 else (start, start + len(target))
-
-
-def token_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]], str]:
-    """Token ids of `text` (no special tokens), each token's character span, and the text the spans index.
-
-    Fast tokenizers give the spans in `text` itself. Otherwise they come from decoding growing prefixes
-    (a token that leaves a character unfinished spans that character) and index the decoded text.
-    """
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], text
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    offsets, done = [], 0
-    for n in range(1, len(ids) + 1):
-        prefix = tokenizer.decode(ids[:n], clean_up_tokenization_spaces=False)
-        finished = max(done, len(prefix.rstrip("\ufffd")))
-        offsets.append((done, finished + (finished < len(prefix))))
-        done = finished
-    return ids, offsets, tokenizer.decode(ids, clean_up_tokenization_spaces=False)
-
-
-def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
-    """Token indices [first, last + 1) of the tokens sharing a character with [start, end) (zero-width tokens never)."""
-    hits = [i for i, (s, e) in enumerate(offsets) if s < e and s < end and e > start]
-    return (hits[0], hits[-1] + 1) if hits else None
-
-
-def span_positions(span: tuple[int, int], n_positions: int, short_span: str) -> np.ndarray | None:
-    """The last n_positions token indices of `span`, left-padded with -1 when it is shorter ("pad") or None ("skip")."""
-    first = max(span[0], span[1] - n_positions)
-    kept = np.arange(first, span[1], dtype=np.int64)
-    if len(kept) < n_positions and short_span == "skip":
-        return None
-    return np.concatenate([np.full(n_positions - len(kept), -1, dtype=np.int64), kept])
-
-
-def locate_prompts(
-    prompts: list[str], targets: list[str], tokenizer, *, occurrence: str, n_positions: int, short_span: str,
-    bos_token_id: int | None, n_ctx: int | None,
-) -> tuple[list[LocatedPrompt], Counter]:
-    """Tokenize every prompt and find its cached positions; skipped rows are counted by reason, never kept."""
-    counts: Counter = Counter()
-    located = []
-    prefix = [] if bos_token_id is None else [bos_token_id]
-    for index, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
-        ids, offsets, text = token_offsets(tokenizer, prompt or "")
-        chars = find_target(text, target or "", occurrence)
-        span = None if chars is None else token_span(offsets, *chars)
-        if span is None:
-            counts["not_found"] += 1
-            continue
-        counts["multiple_occurrences"] += text.find(target, text.find(target) + 1) >= 0
-        positions = span_positions((span[0] + len(prefix), span[1] + len(prefix)), n_positions, short_span)
-        if positions is None:
-            counts["short_span"] += 1
-        elif n_ctx is not None and positions.max() >= n_ctx:
-            counts["beyond_context"] += 1
-        else:
-            located.append(LocatedPrompt(index, np.asarray(prefix + ids, dtype=np.int32), positions))
-    return located, counts
-
-
 def length_order(lengths: np.ndarray, sort_by_length: bool) -> np.ndarray:
     """Order in which rows are batched: longest first (so an out-of-memory shows at once), or as given."""
     return np.argsort(-np.asarray(lengths), kind="stable") if sort_by_length else np.arange(len(lengths))
@@ -244,7 +165,7 @@ def run_batches(model, located: list[LocatedPrompt], order: np.ndarray, cfg: Tar
         sink(chunk, acts)
         lengths = [r.forward_length for r in rows]
         pads += max(lengths) * len(rows) - sum(lengths)
-        start += size
+        start += len(chunk)
     return size, pads
 
 
@@ -260,32 +181,36 @@ def cache_targeted(cfg: TargetedCacheConfig, dataset: datasets.Dataset, model) -
     if not located:
         raise ValueError(f"no prompt kept out of {len(dataset)} (skipped: {dict(counts)}): check target_column and the prompts.")
     hook_dims = probe_hook_dims(model, cfg.hook_names)
-    rng = np.random.default_rng(cfg.seed)
-    out_order = rng.permutation(len(located)) if cfg.output_order == "shuffle" else np.arange(len(located))
-    slot = np.argsort(out_order)
+    if cfg.output_order == "shuffle":
+        located = [located[i] for i in np.random.default_rng(cfg.seed).permutation(len(located))]
+    counts.update(input_rows=len(dataset), kept=len(located))
     reset_dir(paths.work)
     try:
-        store = {
-            h: np.lib.format.open_memmap(paths.work / f"acts-{i}.npy", "w+", cfg.dtype, (len(located), cfg.n_positions, d))
-            for i, (h, d) in enumerate(hook_dims.items())
-        }
-
-        def sink(chunk: np.ndarray, acts: dict) -> None:
-            for h, a in acts.items():
-                store[h][slot[chunk]] = a.to(getattr(torch, cfg.dtype)).cpu().numpy()
-
-        lengths = np.array([r.forward_length for r in located])
         pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-        found, pads = run_batches(model, located, length_order(lengths, cfg.sort_by_length), cfg, pad_id, sink)
-        counts.update(input_rows=len(dataset), kept=len(located))
-        metadata = _metadata(cfg, model, hook_dims, counts, found, pads, int(lengths.sum()))
-        logger.info("targeted cache: kept %d of %d prompts (skipped %s), batch size %d",
-                    len(located), len(dataset), metadata["counts"], found)
-        _publish(cfg, paths, dataset, [located[i] for i in out_order], store, hook_dims, metadata)
+        store, found, pads = _compute(cfg, model, located, hook_dims, paths.work, pad_id)
+        metadata = _metadata(cfg, model, hook_dims, counts, found, pads, sum(r.forward_length for r in located))
+        logger.info("targeted cache: %s, batch size %d", metadata["counts"], found)
+        _publish(cfg, paths, dataset, located, store, hook_dims, metadata)
     except BaseException:
         remove_work(paths)
         raise
     return datasets.load_from_disk(cfg.output_path)
+
+
+def _compute(cfg, model, rows: list[LocatedPrompt], hook_dims: dict, work: Path, pad_id: int) -> tuple[dict, int, int]:
+    """Every row's activations into memory-mapped (rows, n_positions, d) arrays in `work`, row for row."""
+    store = {
+        h: np.lib.format.open_memmap(work / f"acts-{i}.npy", "w+", cfg.dtype, (len(rows), cfg.n_positions, d))
+        for i, (h, d) in enumerate(hook_dims.items())
+    }
+
+    def sink(chunk: np.ndarray, acts: dict) -> None:
+        for h, a in acts.items():
+            store[h][chunk] = a.to(getattr(torch, cfg.dtype)).cpu().numpy()
+
+    order = length_order(np.array([r.forward_length for r in rows]), cfg.sort_by_length)
+    found, pads = run_batches(model, rows, order, cfg, pad_id, sink)
+    return store, found, pads
 
 
 def _check_inputs(cfg: TargetedCacheConfig, dataset: datasets.Dataset, model) -> tuple:

@@ -112,7 +112,6 @@ def test_config_does_no_io(monkeypatch):
         ({"hook_layer": 3}, "hook_layer=3 contradicts"),
         ({"model_class_name": "HookedMamba"}, "model_class_name"),
         ({"use_chat_formatting": True, "context_size": -1}, "context_size"),
-        ({"overwrite": True, "resume": True}, "overwrite"),
         ({"fp16_overflow": "ignore"}, "fp16_overflow"),
         ({"hook_name": "blocks.0.hook_resid_post,,x"}, "empty"),
         ({"hook_name": ["a", "a"]}, "repeats"),
