@@ -12,13 +12,22 @@ from importlib import import_module
 
 from sae_cache.config import CacheActivationsRunnerConfig
 
-__all__ = ["ActivationsStore", "CacheActivationsRunner", "CacheActivationsRunnerConfig", "CachedActivations"]
+__all__ = [
+    "ActivationsStore",
+    "CacheActivationsRunner",
+    "CacheActivationsRunnerConfig",
+    "CachedActivations",
+    "TargetedCacheConfig",
+    "cache_targeted",
+]
 __version__ = "0.1.0"
 
 _LAZY = {
     "ActivationsStore": "sae_cache.store",
     "CacheActivationsRunner": "sae_cache.runner",
     "CachedActivations": "sae_cache.reader",
+    "TargetedCacheConfig": "sae_cache.targeted",
+    "cache_targeted": "sae_cache.targeted",
 }
 
 

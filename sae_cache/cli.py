@@ -69,13 +69,18 @@ def _exclude(text: str) -> bool | list[int]:
         raise argparse.ArgumentTypeError(f"expected true, false or token ids like 0,1, got {text!r}") from None
 
 
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 # Fields whose annotation is not a plain type get their own parser; the rest follow the annotation.
 _SPECIAL: dict[str, dict[str, Any]] = {
     "hook_name": {"type": str, "metavar": "HOOK[,HOOK...]"},
+    "hook_names": {"type": _csv, "metavar": "HOOK[,HOOK...]"},
     "seqpos_slice": {"type": _int_or_none, "nargs": "+", "metavar": "START_STOP_STEP"},
     "sequence_separator_token": {"type": _optional(str), "metavar": "bos|eos|sep|ID|none"},
     "exclude_special_tokens": {"type": _exclude, "metavar": "true|false|ID,ID"},
-    "label_columns": {"type": str, "metavar": "COL[,COL...]"},
+    "label_columns": {"type": _csv, "metavar": "COL[,COL...]"},
     "model_kwargs": {"type": _json, "metavar": "JSON"},
     "model_from_pretrained_kwargs": {"type": _json, "metavar": "JSON"},
 }
@@ -90,37 +95,40 @@ _BY_ANNOTATION = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(config_cls: type = CacheActivationsRunnerConfig, *, prog: str = "python -m sae_cache", description: str = "") -> argparse.ArgumentParser:
+    """A flag per field of `config_cls`, its help the field's docstring; unset flags are left out of the result."""
     parser = argparse.ArgumentParser(
-        prog="python -m sae_cache",
-        description="Cache a language model's activations to disk for SAE training (SAELens-compatible). "
-        "The defaults name the bundled demo model and text: `python -m sae_cache --context_size 128` runs offline.",
+        prog=prog,
+        description=description
+        or "Cache a language model's activations to disk for SAE training (SAELens-compatible). "
+        "The defaults name the bundled demo model and text: `python -m sae_cache --context_size 128` runs offline. "
+        "Other verbs: `info DIR` describes a cache, `targeted --help` caches chosen token positions of prompts.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of config fields; flags override it.")
     parser.add_argument("--quiet", action="store_true", help="Only print the summary.")
-    for f in dataclasses.fields(CacheActivationsRunnerConfig):
+    for f in dataclasses.fields(config_cls):
         options = _SPECIAL.get(f.name) or {"type": _BY_ANNOTATION[str(f.type)], "metavar": str(f.type).upper()}
-        help_text = get_attribute_docstring(CacheActivationsRunnerConfig, f.name).docstring_below or ""
+        help_text = get_attribute_docstring(config_cls, f.name).docstring_below or ""
         parser.add_argument(f"--{f.name}", help=help_text.replace("%", "%%"), **options)
     return parser
 
 
-def parse_config(argv: list[str]) -> tuple[CacheActivationsRunnerConfig, argparse.Namespace]:
-    """The config from an optional file plus flags; raises CliError on any invalid input."""
-    args = _ArgumentParser.wrap(build_parser()).parse_args(argv)
-    fields = _load_config_file(Path(args.config)) if hasattr(args, "config") else {}
-    names = {f.name for f in dataclasses.fields(CacheActivationsRunnerConfig)}
+def parse_config(argv: list[str], config_cls: type = CacheActivationsRunnerConfig, parser: argparse.ArgumentParser | None = None):
+    """The config from an optional file plus flags, and the parsed flags; raises CliError on any invalid input."""
+    args = _ArgumentParser.wrap(parser or build_parser(config_cls)).parse_args(argv)
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    fields = _load_config_file(Path(args.config), names) if hasattr(args, "config") else {}
     fields.update({k: v for k, v in vars(args).items() if k in names})
     if "seqpos_slice" in fields:
         fields["seqpos_slice"] = tuple(fields["seqpos_slice"])
     try:
-        return CacheActivationsRunnerConfig(**fields), args
+        return config_cls(**fields), args
     except (ValueError, TypeError) as e:
         raise CliError(str(e)) from None
 
 
-def _load_config_file(path: Path) -> dict[str, Any]:
+def _load_config_file(path: Path, names: set[str]) -> dict[str, Any]:
     if not path.is_file():
         raise CliError(f"--config {path}: no such file.")
     try:
@@ -129,9 +137,9 @@ def _load_config_file(path: Path) -> dict[str, Any]:
         raise CliError(f"--config {path} is not valid YAML/JSON: {' '.join(str(e).split())}") from None
     if not isinstance(loaded, dict):
         raise CliError(f"--config {path} must hold a mapping of config fields.")
-    unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(CacheActivationsRunnerConfig)})
+    unknown = sorted(set(loaded) - names)
     if unknown:
-        raise CliError(f"--config {path} has unknown fields {unknown}: see `python -m sae_cache --help`.")
+        raise CliError(f"--config {path} has unknown fields {unknown}: see --help.")
     return loaded
 
 
@@ -153,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         from sae_cache.inspect import main as info_main
 
         return info_main(argv[1:])
+    if argv[:1] == ["targeted"]:
+        return _targeted(argv[1:])
     try:
         cfg, args = parse_config(argv)
     except CliError as e:
@@ -177,6 +187,40 @@ def _run(cfg: CacheActivationsRunnerConfig) -> int:
         return 2
     if runner.ranks.is_main:
         print(_summary(runner, dataset))
+    return 0
+
+
+def _targeted(argv: list[str]) -> int:
+    """`python -m sae_cache targeted ...`: position-targeted caching (sae_cache.targeted)."""
+    from sae_cache.targeted import TargetedCacheConfig
+
+    parser = build_parser(
+        TargetedCacheConfig,
+        prog="python -m sae_cache targeted",
+        description="Cache the activations of the last n_positions tokens of a target substring in each prompt.",
+    )
+    parser.add_argument("--dataset_path", required=True, help="Dataset with the prompt and target columns (Hub name or local directory).")
+    parser.add_argument("--model_name", default="sae-cache/demo", help="TransformerLens model name, or sae-cache/demo.")
+    parser.add_argument("--device", default=None, help="Device of the model (default: cuda when available, else cpu).")
+    try:
+        cfg, args = parse_config(argv, TargetedCacheConfig, parser)
+    except CliError as e:
+        print(f"sae_cache: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s")
+    from sae_cache.data import open_dataset
+    from sae_cache.model import load_model
+    from sae_cache.targeted import cache_targeted
+
+    source = CacheActivationsRunnerConfig(dataset_path=args.dataset_path, model_name=args.model_name, streaming=False)
+    if args.device:
+        source.device = args.device
+    try:
+        dataset = cache_targeted(cfg, open_dataset(source), load_model(source))
+    except (ValueError, OSError, TypeError, RuntimeError) as e:
+        print(f"sae_cache: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"done: {cfg.output_path}: {len(dataset):,} rows, hooks {cfg.hook_names}")
     return 0
 
 

@@ -20,6 +20,8 @@ def describe(path: Path) -> str:
         raise ValueError(f"{path} is not a complete sae_cache cache (no {METADATA_FILE}).")
     meta = read_json(path / METADATA_FILE)
     dataset = datasets.load_from_disk(str(path))
+    if meta.get("kind") == "targeted":
+        return _describe_targeted(path, meta, dataset)
     if len(dataset) != meta["n_rows"]:
         raise ValueError(f"{path}: the metadata says {meta['n_rows']} rows but the data files hold {len(dataset)}.")
     size = sum(f.stat().st_size for f in path.glob("*.arrow"))
@@ -37,6 +39,18 @@ def describe(path: Path) -> str:
         )
     lines.append(f"  columns: {[c for c in dataset.column_names if c != TOKEN_IDS]} + {TOKEN_IDS}")
     return "\n".join(lines)
+
+
+def _describe_targeted(path: Path, meta: dict, dataset) -> str:
+    counts = meta.get("counts", {})
+    hooks = ", ".join(f"{hook} (d_in={info['d_in']})" for hook, info in meta.get("hooks", {}).items())
+    return "\n".join(
+        [
+            f"{path}: position-targeted cache, {len(dataset):,} rows (kept {counts.get('kept')}, skipped {counts.get('skipped')})",
+            f"  hooks: {hooks}",
+            f"  columns: {dataset.column_names}",
+        ]
+    )
 
 
 def main(argv: list[str]) -> int:

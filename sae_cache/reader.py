@@ -28,6 +28,8 @@ class CachedActivations:
         self.files = [self.path / f["filename"] for f in read_json(self.path / STATE_FILE)["_data_files"]]
         meta_path = self.path / METADATA_FILE
         self.metadata = read_json(meta_path) if meta_path.is_file() else {}
+        if self.metadata.get("kind") == "targeted":
+            raise ValueError(f"{self.path} is a position-targeted cache (rows of different lengths): open it with datasets.load_from_disk.")
         self._batches = [batch for f in self.files for batch in read_arrow_columns(f)]
         self.hook_names = [name for name in self._batches[0] if name != TOKEN_IDS] if self._batches else []
         self.n_rows = sum(len(b[TOKEN_IDS]) for b in self._batches)

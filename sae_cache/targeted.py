@@ -156,7 +156,7 @@ def run_batches(model, located: list[LocatedPrompt], order: np.ndarray, cfg: Tar
             if not cfg.auto_batch_size or len(chunk) == 1:
                 raise
             acts = None
-        if acts is None:
+        if acts is None:  # handled outside `except`, whose traceback would keep the failed batch's tensors alive
             size = len(chunk) // 2
             logger.warning("CUDA out of memory with %d prompts per batch; going on with %d", len(chunk), size)
             if torch.cuda.is_available():
@@ -215,6 +215,8 @@ def _compute(cfg, model, rows: list[LocatedPrompt], hook_dims: dict, work: Path,
 
 def _check_inputs(cfg: TargetedCacheConfig, dataset: datasets.Dataset, model) -> tuple:
     """Everything checkable before a forward pass; returns the tokenizer, BOS id (or None) and n_ctx."""
+    if not isinstance(dataset, datasets.Dataset):
+        raise ValueError(f"dataset is a {type(dataset).__name__}: give a datasets.Dataset (pick a split of a DatasetDict).")
     missing = [c for c in (cfg.prompt_column, cfg.target_column, *cfg.label_columns) if c not in dataset.column_names]
     if missing:
         raise ValueError(f"column(s) {missing} are not in the dataset, which has {dataset.column_names}.")

@@ -89,3 +89,23 @@ def test_cli_runs_a_cache_from_a_local_dataset_directory(model, text_dataset, tm
     assert cli.main(["--dataset_path", str(data_dir), "--context_size", "16", "--training_tokens", "320",
                      "--new_cached_activations_path", str(out), "--device", "cpu", "--hook_name", "blocks.1.hook_resid_post"]) == 2
     assert "overwrite=True" in capsys.readouterr().err
+
+
+def test_targeted_verb_caches_and_info_describes_it(model, tmp_path, monkeypatch, capsys):
+    data_dir = tmp_path / "prompts"
+    datasets.Dataset.from_dict(
+        {"prompt": ["the river is blue", "seven mountains in paris", "no match here"], "target": ["river", "paris", "london"], "y": [1, 2, 3]}
+    ).save_to_disk(str(data_dir))
+    monkeypatch.setattr("sae_cache.model.load_model", lambda cfg: model)
+    out = tmp_path / "targeted"
+    code = cli.main(["targeted", "--dataset_path", str(data_dir), "--model_name", "tiny", "--device", "cpu",
+                     "--output_path", str(out), "--hook_names", "blocks.0.hook_resid_post,blocks.1.hook_resid_post",
+                     "--label_columns", "y", "--n_positions", "2", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    ds = datasets.load_from_disk(str(out))
+    assert len(ds) == 2 and ds["y"] == [1, 2] and ds.features["blocks.1.hook_resid_post"].shape == (2, 32)
+    capsys.readouterr()
+    assert cli.main(["info", str(out)]) == 0
+    assert "position-targeted cache, 2 rows (kept 2, skipped 1)" in capsys.readouterr().out
+    assert cli.main(["targeted", "--dataset_path", str(data_dir), "--output_path", str(out), "--hook_names", "x", "--n_positions", "0"]) == 2
+    assert "n_positions" in capsys.readouterr().err
