@@ -104,9 +104,7 @@ class CacheActivationsRunner:
             self._shared(self._write_shards)
             self._shared(self._publish)
         self._shared(lambda: remove_work(self.paths) if self.ranks.is_main else None)
-        if self.cfg.hf_repo_id and self.ranks.is_main:
-            hub.push_cache(self.paths.out, self.cfg)
-        distributed.barrier(self.ranks)
+        self._shared(lambda: hub.push_cache(self.paths.out, self.cfg) if self.cfg.hf_repo_id and self.ranks.is_main else None)
         self.elapsed_s = time.perf_counter() - started
         return datasets.load_from_disk(str(self.paths.out))
 
