@@ -38,20 +38,16 @@ def load_demo_model(device: str = "cpu"):
 
     config = json.loads((ASSETS_DIR / CONFIG_FILE).read_text(encoding="utf-8"))
     cfg = HookedTransformerConfig(**config, device=device, init_weights=False)
-    model = HookedTransformer(cfg)
+    tokenizer = wrap_tokenizer(Tokenizer.from_file(str(ASSETS_DIR / TOKENIZER_FILE)))
+    model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
     state = {name: t.to(torch.float32) for name, t in load_file(ASSETS_DIR / WEIGHTS_FILE).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    parameter_names = {name for name, _ in model.named_parameters()}
-    if unexpected or parameter_names & set(missing):
+    missing_parameters = sorted({name for name, _ in model.named_parameters()} & set(missing))
+    if unexpected or missing_parameters:
         raise RuntimeError(
-            f"The bundled demo weights do not match its config (missing {sorted(parameter_names & set(missing))}, "
+            f"The bundled demo weights do not match its config (missing {missing_parameters}, "
             f"unexpected {sorted(unexpected)}); rerun scripts/train_demo_model.py to rewrite the assets."
         )
-    # Assigned directly: HookedTransformer.set_tokenizer would try to reload the tokenizer by name from the Hub.
-    tokenizer = wrap_tokenizer(Tokenizer.from_file(str(ASSETS_DIR / TOKENIZER_FILE)))
-    tokenizer.padding_side = "right"
-    model.tokenizer = tokenizer
-    model.cfg.tokenizer_prepends_bos = False  # the tokenizer adds no special tokens; TransformerLens prepends BOS
     return model.eval()
 
 
