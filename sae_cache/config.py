@@ -53,7 +53,7 @@ class CacheActivationsRunnerConfig:
     d_in: int = UNSET
     """Width of the cached activations; -1 reads it from the model. When set it must match every hook."""
 
-    training_tokens: int = 1_000_000
+    training_tokens: int = 500_000
     """Tokens to cache. The cache holds exactly training_tokens // sliced context_size rows."""
 
     context_size: int = UNSET

@@ -84,7 +84,7 @@ def make_plan(cfg: CacheActivationsRunnerConfig, *, context_size: int, hook_dims
     act_bytes_per_row = sum(length * d * itemsize for d in hook_dims.values())
     overhead_per_row = length * TOKEN_ID_BYTES + len(hook_dims) * (length + 1) * OFFSET_BYTES
     bytes_per_row = act_bytes_per_row + overhead_per_row
-    rows_per_buffer = _rows_per_buffer(cfg, bytes_per_row)
+    rows_per_buffer = min(_rows_per_buffer(cfg, bytes_per_row), n_rows)
     disk_bytes = n_rows * bytes_per_row
     # A shuffle keeps the unshuffled shards and its scratch copy until the shuffled cache is complete.
     peak_disk_bytes = disk_bytes * (3 if cfg.shuffle else 1)

@@ -242,10 +242,10 @@ class CacheActivationsRunner:
             total=plan.n_tokens, initial=done * plan.tokens_per_buffer, unit="tok", desc="Caching", unit_scale=True,
             disable=not self.ranks.is_main,
         )
+        store.on_tokens = progress.update
         with writer, progress:
             for buffer in store.buffers(resume["next_batch"], resume["next_skip"], done, acquire=writer.acquire):
                 writer.submit(buffer, {"stats": {h: asdict(st) for h, st in store.stats.items()}})
-                progress.update(buffer.n_rows * plan.sliced_context_size)
 
     def _start_work(self, plan: CachePlan) -> None:
         """Create the run's work directory, or check that the one there may be resumed."""

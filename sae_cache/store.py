@@ -44,15 +44,20 @@ class HookStats:
     def per_unit(acts: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
         """Per stored unit (row or position): tokens, sum, sum of squares, sum of norms, max |x|, new infs."""
         flat = acts.float().reshape(acts.shape[0], -1, acts.shape[-1])
-        new_inf = torch.isinf(stored) & torch.isfinite(acts)
+        sq_per_token = flat.square().sum(-1)
+        low, high = torch.aminmax(flat.reshape(flat.shape[0], -1), dim=1)
+        if stored.dtype == torch.float16:
+            new_inf = (torch.isinf(stored) & torch.isfinite(acts)).reshape(flat.shape[0], -1).sum(1).float()
+        else:
+            new_inf = torch.zeros(flat.shape[0], device=flat.device)
         return torch.stack(
             [
                 torch.full((flat.shape[0],), flat.shape[1], dtype=torch.float32, device=flat.device),
                 flat.sum((1, 2)),
-                flat.square().sum((1, 2)),
-                flat.norm(dim=-1).sum(1),
-                flat.abs().amax((1, 2)),
-                new_inf.reshape(flat.shape[0], -1).sum(1).float(),
+                sq_per_token.sum(1),
+                sq_per_token.sqrt().sum(1),
+                torch.maximum(low.abs(), high.abs()),
+                new_inf,
             ],
             dim=1,
         ).double()
@@ -138,6 +143,7 @@ class ActivationsStore:
         self.hooks = list(plan.hook_dims)
         self.stats = {h: HookStats() for h in self.hooks}
         self.device = model_device(model)
+        self.on_tokens: Callable[[int], None] = lambda n: None  # progress: tokens stored so far, per batch
 
     def restore_stats(self, raw: dict[str, dict]) -> None:
         """Continue the statistics of an interrupted run (raw HookStats fields per hook)."""
@@ -210,6 +216,7 @@ class ActivationsStore:
             self.stats[hook].add(chunk.unit_stats[hook][start:stop])
             dest[hook][at : at + n].copy_(chunk.acts[hook][start:stop], non_blocking=True)
         dest[TOKEN_IDS][at : at + n].copy_(chunk.tokens[start:stop])
+        self.on_tokens(dest[TOKEN_IDS][at : at + n].numel())
         for name, values in chunk.labels.items():
             dest[name][at : at + n].copy_(values[start:stop])
 
