@@ -13,6 +13,7 @@ trained model's activations have structure that a sparse dictionary captures; ra
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def train(cache: Path, model, tokens: int, out: Path):
     reader = CachedActivations(cache)
     d_in = reader.d_in(HOOK)
     cfg = LanguageModelSAERunnerConfig(
-        sae=StandardTrainingSAEConfig(d_in=d_in, d_sae=8 * d_in, l1_coefficient=2.0),
+        sae=StandardTrainingSAEConfig(
+            d_in=d_in, d_sae=8 * d_in, l1_coefficient=5.0, normalize_activations="expected_average_only_in"
+        ),
         model_name="sae-cache/demo",
         hook_name=HOOK,
         dataset_path="sae-cache/demo-text",  # only peeked at: override_dataset is given, the cache is read
@@ -90,7 +93,9 @@ def main() -> None:
         cache = args.cache if args.cache.exists() else cache_of(trained_model, tmp / "demo", needed)
         results = {"demo model (trained)": evaluate(train(cache, trained_model, args.tokens, tmp / "trained"), cache)}
         torch.manual_seed(1)
-        random_model = HookedTransformer(trained_model.cfg, tokenizer=trained_model.tokenizer)  # same shape, untrained
+        random_cfg = copy.deepcopy(trained_model.cfg)
+        random_cfg.init_weights = True  # the demo config skips init (its weights are loaded)
+        random_model = HookedTransformer(random_cfg, tokenizer=trained_model.tokenizer)  # same shape, untrained
         random_model.eval()
         random_cache = cache_of(random_model, tmp / "random", needed)
         results["random model (baseline)"] = evaluate(train(random_cache, random_model, args.tokens, tmp / "random_sae"), random_cache)
