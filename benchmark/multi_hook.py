@@ -21,25 +21,17 @@ import tempfile
 import time
 from pathlib import Path
 
-CONTEXT = 128
+from benchmark._random import CONTEXT
 ONE = ["blocks.3.hook_resid_post"]
 FOUR = [f"blocks.{i}.hook_resid_post" for i in range(4)]
 
 
 def _worker(out: str, tokens: int, hooks: list[str]) -> None:
-    import torch
-    from datasets import Dataset
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
+    from benchmark._random import demo_shaped_model, token_dataset
     from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig
 
-    torch.manual_seed(0)
-    model = HookedTransformer(
-        HookedTransformerConfig(n_layers=4, d_model=256, n_heads=4, d_head=64, d_mlp=1024, n_ctx=256, d_vocab=4096, act_fn="gelu", seed=0)
-    )
-    rows = tokens // CONTEXT
-    g = torch.Generator().manual_seed(0)
-    data = Dataset.from_dict({"input_ids": torch.randint(0, 4096, (rows, CONTEXT), generator=g).tolist()})
+    model = demo_shaped_model()
+    data, rows = token_dataset(tokens)
     cfg = CacheActivationsRunnerConfig(
         dataset_path="random", model_name="random", hook_name=hooks, context_size=CONTEXT, training_tokens=rows * CONTEXT,
         model_batch_size=32, new_cached_activations_path=out, shuffle=False, device="cpu", buffer_size_gb=0.25,

@@ -20,25 +20,19 @@ import tempfile
 import time
 from pathlib import Path
 
-CONTEXT = 128
+from benchmark._random import CONTEXT
 
 
 def _worker(out: str, tokens: int, threads: int) -> None:
     import torch
-    from datasets import Dataset
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    from benchmark._random import demo_shaped_model, token_dataset
     from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig, distributed
 
     torch.set_num_threads(threads)
     distributed.init_from_env("cpu")
-    torch.manual_seed(0)
-    model = HookedTransformer(
-        HookedTransformerConfig(n_layers=4, d_model=256, n_heads=4, d_head=64, d_mlp=1024, n_ctx=256, d_vocab=4096, act_fn="gelu", seed=0)
-    )
-    rows = tokens // CONTEXT
-    g = torch.Generator().manual_seed(0)
-    data = Dataset.from_dict({"input_ids": torch.randint(0, 4096, (rows, CONTEXT), generator=g).tolist()})
+    model = demo_shaped_model()
+    data, rows = token_dataset(tokens)
     cfg = CacheActivationsRunnerConfig(
         dataset_path="random", model_name="random", hook_name="blocks.1.hook_resid_post", context_size=CONTEXT,
         training_tokens=rows * CONTEXT, model_batch_size=32, new_cached_activations_path=out, shuffle=False,
@@ -51,7 +45,7 @@ def _run(n_ranks: int, tokens: int, scratch: Path) -> float:
     out = scratch / f"ranks{n_ranks}"
     threads = max(1, (os.cpu_count() or 1) // n_ranks)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n_ranks), "--master_port", str(29500 + n_ranks),
-           __file__, "--worker", str(out), "--tokens", str(tokens), "--threads", str(threads)]
+           "-m", "benchmark.ranks_scaling", "--worker", str(out), "--tokens", str(tokens), "--threads", str(threads)]
     started = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     elapsed = time.perf_counter() - started
