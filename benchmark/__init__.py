@@ -1,0 +1,16 @@
+"""Benchmarks of sae_cache (scripts that print Markdown tables, not unit tests).
+
+Each module runs as `python -m benchmark.<name>` from the repository root, takes `--quick` for a
+tiny smoke run, and writes its scratch data under a temporary directory that it removes:
+
+- `forward_vs_cache` (a): the bare forward loop vs sae_cache end to end, tokens/s and their ratio.
+- `vs_saelens` (b): sae_cache vs SAELens's CacheActivationsRunner, at 64 MiB buffers and at defaults.
+- `writer` (c): synthetic buffers through sae_cache's writer vs a raw write + fsync of the same bytes.
+- `scaling` (e): 1x and 4x the tokens, time and peak RSS.
+- `shuffle` (f): shuffle=True vs False end to end, and `shuffle_shards` alone vs a plain copy.
+- `reader` (g): `CachedActivations.batches` vs a raw read of the same bytes.
+
+Peak RSS and bytes on disk over raw activation bytes (d) are columns of every table. Every measured
+run happens in a fresh subprocess (`benchmark._worker`), so its peak RSS (VmHWM) is its own.
+`python -m benchmark.run_all` (`make bench`) runs them all and ends with a table of the targets.
+"""

@@ -1,0 +1,69 @@
+"""Run every benchmark and end with one table of issue 3's targets (`make bench`).
+
+    python -m benchmark.run_all [--quick] [--only a,b,...] [--skip a,b,...]
+
+Runs, in order: forward_vs_cache (a), vs_saelens (b), writer (c), scaling (e), shuffle (f),
+reader (g); peak RSS and bytes on disk (d) are columns of their tables. `--quick` passes --quick to
+each (a smoke run of a few minutes). The full suite takes tens of minutes on 2 CPU cores; run it
+under nohup and redirect stdout to keep the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import time
+
+from benchmark import forward_vs_cache, reader, scaling, shuffle, vs_saelens, writer
+from benchmark._common import REPO_ROOT, header, machine, verdict_table
+
+SUITE = {
+    "a": forward_vs_cache,
+    "b": vs_saelens,
+    "c": writer,
+    "e": scaling,
+    "f": shuffle,
+    "g": reader,
+}
+
+
+def git_state() -> str:
+    """The commit measured, and whether the working tree differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO_ROOT).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "sae_cache")
+    return f"commit {git('rev-parse', '--short', 'HEAD') or 'unknown'}" + (" (sae_cache/ has uncommitted changes)" if dirty else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every benchmark")
+    p.add_argument("--only", default="", help="comma-separated letters to run (default all: a,b,c,e,f,g)")
+    p.add_argument("--skip", default="", help="comma-separated letters to skip")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's default)")
+    args = p.parse_args(argv)
+    only = [x for x in args.only.split(",") if x] or list(SUITE)
+    skip = {x for x in args.skip.split(",") if x}
+    info = machine()
+    print("## sae_cache benchmarks" + (" (--quick)" if args.quick else ""))
+    print(f"\nmachine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']:.1f} GiB RAM, Python {platform.python_version()}, "
+          f"load average at start {' '.join(f'{x:.2f}' for x in info['load'])}")
+    print(f"sae_cache at {git_state()}")
+    verdicts, started = [], time.perf_counter()
+    for key in only:
+        if key in skip:
+            continue
+        print(f"\n[run_all] {key}: {SUITE[key].__name__}", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        verdicts += SUITE[key].main((["--quick"] if args.quick else []) + ([f"--threads={args.threads}"] if args.threads else []))
+        print(f"[run_all] {key} took {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    header("targets of issue 3", f"whole suite: {time.perf_counter() - started:.0f} s")
+    verdict_table(verdicts)
+    print("\nThe GPU figure (issue 3, item 5: benchmark (a) on a GPU with a GPT-2-small-sized model) is not measured by this suite.")
+
+
+if __name__ == "__main__":
+    main()
