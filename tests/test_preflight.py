@@ -103,18 +103,23 @@ def test_dataset_too_small_never_presents_a_cache(model, make_cfg):
     assert not Path(cfg.new_cached_activations_path).exists()
 
 
-def test_interrupted_run_needs_resume_or_overwrite(model, text_dataset, make_cfg, monkeypatch):
-    cfg = make_cfg()
+def interrupt_at_forward(n: int, real):
+    """A stand-in for store.capture that raises KeyboardInterrupt at the n-th forward pass."""
     calls = {"n": 0}
-    real = store.capture
 
-    def crash_on_third(*args, **kwargs):
+    def capture(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(store, "capture", crash_on_third)
+    return capture
+
+
+def test_interrupted_run_needs_resume_or_overwrite(model, text_dataset, make_cfg, monkeypatch):
+    cfg = make_cfg()
+    real = store.capture
+    monkeypatch.setattr(store, "capture", interrupt_at_forward(3, real))
     with pytest.raises(KeyboardInterrupt):
         CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model).run()
     monkeypatch.setattr(store, "capture", real)
@@ -128,15 +133,7 @@ def test_resume_gives_the_same_cache_and_refuses_changed_config(model, text_data
         make_cfg(shuffle=True, new_cached_activations_path=str(tmp_path / "ref")), override_dataset=text_dataset, model=model
     ).run().with_format("torch")[:]
     real = store.capture
-    calls = {"n": 0}
-
-    def crash_on_sixth(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(store, "capture", crash_on_sixth)
+    monkeypatch.setattr(store, "capture", interrupt_at_forward(6, real))
     with pytest.raises(KeyboardInterrupt):
         CacheActivationsRunner(make_cfg(shuffle=True), override_dataset=text_dataset, model=model).run()
     monkeypatch.setattr(store, "capture", real)
