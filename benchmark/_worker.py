@@ -136,29 +136,47 @@ def _load_rows(data: str):
 # -- (a) forward-only loop, sae_cache and SAELens end to end -----------------------------------------
 
 
-def task_forward(data: str, kind: str, n_rows: int, batch: int, hook: str = HOOK) -> dict:
-    """The bare loop: same batches, same hook, stop_at_layer, activations copied into a reused host buffer."""
+def task_forward(data: str, kind: str, n_rows: int, batch: int, hook: str = HOOK, streams: int = 1) -> dict:
+    """The bare loop: same batches, same hook, stop_at_layer, activations copied into a reused host buffer.
+
+    streams > 1: that many threads each run every streams-th batch with torch's threads shared among them
+    (what sae_cache's forward_threads does on a CPU), each copying into its own reused host buffer.
+    """
+    import threading
+
     import numpy as np
     import torch
 
     model = build_model(kind)
     tokens = torch.from_numpy(np.asarray(_load_rows(data)["input_ids"][:n_rows], dtype=np.int64))
     stop_at = int(hook.split(".")[1]) + 1
-    captured = {}
+    local = threading.local()
 
     def save(act, hook):  # noqa: ARG001
-        captured["acts"] = act
+        local.acts = act
+
+    def loop(first: int) -> None:
+        host = torch.empty((batch, tokens.shape[1], D_MODEL), dtype=torch.float32)
+        with torch.no_grad():
+            for i in range(first * batch, len(tokens), batch * streams):
+                tokens_BL = tokens[i : i + batch]
+                model(tokens_BL, stop_at_layer=stop_at)
+                host[: len(tokens_BL)].copy_(local.acts)
 
     warm_up(model, batch, tokens.shape[1], hook)
     model.hook_dict[hook].add_hook(save)
-    host = torch.empty((batch, tokens.shape[1], D_MODEL), dtype=torch.float32)
-    with torch.no_grad(), Timed() as t:
-        for i in range(0, len(tokens), batch):
-            tokens_BL = tokens[i : i + batch]
-            model(tokens_BL, stop_at_layer=stop_at)
-            host[: len(tokens_BL)].copy_(captured["acts"])
+    threads_before = torch.get_num_threads()
+    if streams > 1:
+        torch.set_num_threads(max(1, threads_before // streams))
+    with Timed() as t:
+        workers = [threading.Thread(target=loop, args=(k,)) for k in range(streams)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    torch.set_num_threads(threads_before)
     model.reset_hooks()
-    return t.result(tokens=int(tokens.numel()))
+    return t.result(tokens=int(tokens.numel()), streams=streams)
 
 
 def _cache_info(out: Path, n_rows: int, context: int) -> dict:
@@ -215,7 +233,7 @@ def task_sae_cache(data: str, kind: str, out: str, training_tokens: int, buffer_
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
     return t.result(**info, n_buffers=plan.n_buffers, rows_per_buffer=plan.rows_per_buffer,
-                    buffer_bytes=plan.rows_per_buffer * plan.bytes_per_row)
+                    buffer_bytes=plan.rows_per_buffer * plan.bytes_per_row, forward_threads=runner._resolve().forward_threads)
 
 
 def task_saelens(data: str, kind: str, out: str, training_tokens: int, buffer_size_gb: float, batch: int,
@@ -307,7 +325,7 @@ def task_breakdown(data: str, kind: str, out: str, training_tokens: int, buffer_
         "hand buffer to writer (submit)", "writer thread: write shard (_write)", "publish (stage + metadata + swap)",
         "load_from_disk at the end")}
     patches = [
-        (store_module, "capture", stages["forward pass (capture)"]),
+        (store_module.HookCapture, "__call__", stages["forward pass (capture)"]),
         (store_module.ActivationsStore, "_check_overflow", stages["overflow check"]),
         (store_module.ActivationsStore, "_copy", stages["copy into host buffer (_copy, incl. add)"]),
         (store_module.HookStats, "add", stages["statistics (HookStats.add)"]),

@@ -116,6 +116,10 @@ class CacheActivationsRunnerConfig:
     autocast_lm: bool = False
     """Run the forward pass under bfloat16 autocast."""
 
+    forward_threads: int | None = None
+    """Forward passes run at once when the model is on the CPU, each on its own thread with torch's threads shared among them
+    (a small model uses the cores better so). None: 2 on a CPU with 2+ torch threads, else 1. A GPU model runs one at a time."""
+
     dataset_trust_remote_code: bool | None = None
     """Allow a Hub dataset to run its own loading code."""
 
@@ -225,6 +229,8 @@ def _check_sizes(cfg: CacheActivationsRunnerConfig) -> None:
         raise ValueError(f"buffer_size_gb={cfg.buffer_size_gb} must be positive (e.g. 0.5 or 2.0).")
     if cfg.hf_num_shards is not None and cfg.hf_num_shards < 1:
         raise ValueError(f"hf_num_shards={cfg.hf_num_shards} must be at least 1, or None.")
+    if cfg.forward_threads is not None and (isinstance(cfg.forward_threads, bool) or not isinstance(cfg.forward_threads, int) or cfg.forward_threads < 1):
+        raise ValueError(f"forward_threads={cfg.forward_threads!r} must be a positive integer, or None (automatic).")
     if cfg.context_size != UNSET and cfg.context_size > cfg.training_tokens:
         raise ValueError(
             f"context_size ({cfg.context_size}) is greater than training_tokens ({cfg.training_tokens}): "

@@ -19,6 +19,7 @@ FORMAT_VERSION = 1
 NON_OUTPUT_FIELDS = frozenset(
     {
         "device",
+        "forward_threads",
         "overwrite",
         "resume",
         "hf_repo_id",

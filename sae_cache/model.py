@@ -1,14 +1,16 @@
 """Model loading and hooks: the only module that runs the language model.
 
 Owns loading `cfg.model_name` (TransformerLens or the bundled demo model), checking hook names
-against the model, finding each hook's width with a five-token shape probe, and `capture`: one
-forward pass that records several hooks and stops after the deepest one. Hooks are added inside a
-context manager that removes them in `finally`, so a failed pass leaves the model clean.
+against the model, finding each hook's width with a five-token shape probe, and `HookCapture`:
+forward passes that record several hooks and stop after the deepest one, from one thread or several
+at once. Hooks are added inside a context manager that removes them in `finally`, so a failed pass
+leaves the model clean.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -86,37 +88,64 @@ def probe_hook_dims(model: HookedRootModule, hook_names: list[str]) -> dict[str,
     return dims
 
 
-@torch.no_grad()
-def capture(
-    model: HookedRootModule,
-    tokens_BL: torch.Tensor,
-    hook_names: list[str],
-    *,
-    positions: slice = slice(None),
-    autocast: bool = False,
-    model_kwargs: dict | None = None,
-    flatten: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Run one forward pass over tokens_BL and return {hook: acts_BLD} at the kept `positions`.
+class HookCapture:
+    """Hooks installed on the model for as long as the block lasts; every thread captures its own pass.
 
-    The pass stops after the deepest hook (stop_at_layer for block hooks, otherwise by raising from the
-    last hook to fire). Activations stay on the model's device, in the model's dtype.
+    `with HookCapture(model, hooks) as cap: acts = cap(tokens_BL)` runs one forward pass that records
+    the hooks at the kept `positions` and stops after the deepest one (stop_at_layer for block hooks,
+    otherwise by raising from the last hook to fire). Hooks run on the thread that runs the pass, so
+    what they record goes to that thread's own dict: several threads may run passes at once (the
+    CPU forward threads of the store). Activations stay on the model's device, in the model's dtype.
     """
-    captured: dict[str, torch.Tensor] = {}
-    wanted = set(hook_names)
 
-    def save(act: torch.Tensor, hook) -> None:
-        act = act[:, positions]
-        captured[hook.name] = act.reshape(*act.shape[:2], -1) if flatten else act
-        if stop is None and captured.keys() == wanted:
+    def __init__(
+        self,
+        model: HookedRootModule,
+        hook_names: list[str],
+        *,
+        positions: slice = slice(None),
+        autocast: bool = False,
+        model_kwargs: dict | None = None,
+        flatten: bool = True,
+    ) -> None:
+        self.model, self.hook_names = model, list(hook_names)
+        self.positions, self.autocast, self.flatten = positions, autocast, flatten
+        self.model_kwargs = model_kwargs or {}
+        self.stop = stop_layer(self.hook_names)
+        self._local = threading.local()
+        self._installed: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> HookCapture:
+        self._installed = contextlib.ExitStack()
+        self._installed.enter_context(_hooks(self.model, [(h, self._save) for h in self.hook_names]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self._installed is not None
+        self._installed.close()
+
+    def _save(self, act: torch.Tensor, hook) -> None:
+        act = act[:, self.positions]
+        captured = self._local.captured
+        captured[hook.name] = act.reshape(*act.shape[:2], -1) if self.flatten else act
+        if self.stop is None and len(captured) == len(self.hook_names):
             raise _StopForward
 
-    stop = stop_layer(hook_names)
-    device_type = model_device(model).type
-    with _hooks(model, [(h, save) for h in hook_names]), contextlib.suppress(_StopForward):
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=autocast):
-            model(tokens_BL, stop_at_layer=stop, **(model_kwargs or {}))
-    return captured
+    @torch.no_grad()
+    def __call__(self, tokens_BL: torch.Tensor, model_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+        """{hook: acts_BL...} of one forward pass over tokens_BL (on the model's device)."""
+        self._local.captured = captured = {}
+        device_type = model_device(self.model).type
+        with contextlib.suppress(_StopForward), torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.autocast):
+            self.model(tokens_BL, stop_at_layer=self.stop, **{**self.model_kwargs, **(model_kwargs or {})})
+        self._local.captured = None
+        return captured
+
+
+def capture(model: HookedRootModule, tokens_BL: torch.Tensor, hook_names: list[str], **options) -> dict[str, torch.Tensor]:
+    """One forward pass with the hooks installed just for it (options as for HookCapture)."""
+    with HookCapture(model, hook_names, **options) as cap:
+        return cap(tokens_BL)
 
 
 @contextlib.contextmanager

@@ -49,10 +49,10 @@ from sae_cache.data import (
     token_rows,
 )
 from sae_cache.metadata import build_metadata, output_fields
-from sae_cache.model import check_hook_names, load_model, probe_hook_dims
+from sae_cache.model import check_hook_names, load_model, model_device, probe_hook_dims
 from sae_cache.plan import CachePlan, make_plan
 from sae_cache.shuffle import shuffle_shards
-from sae_cache.store import ActivationsStore, HookStats
+from sae_cache.store import ActivationsStore, HookStats, resolve_forward_threads
 from sae_cache.writer import ShardWriter
 
 logger = logging.getLogger("sae_cache")
@@ -69,6 +69,7 @@ class _Resolved:
     special: SpecialTokens
     labels: dict[str, str]
     plan: CachePlan
+    forward_threads: int
 
 
 class CacheActivationsRunner:
@@ -154,7 +155,10 @@ class CacheActivationsRunner:
             warning = check_dataset_size(dataset, column, rows_needed=plan.n_rows, context_size=context_size, model=model)
             if warning:
                 warnings.warn(warning, RuntimeWarning, stacklevel=2)
-        self._resolved = _Resolved(model=model, dataset=dataset, column=column, special=special, labels=labels, plan=plan)
+        threads = resolve_forward_threads(cfg.forward_threads, model_device(model))
+        self._resolved = _Resolved(
+            model=model, dataset=dataset, column=column, special=special, labels=labels, plan=plan, forward_threads=threads
+        )
         return self._resolved
 
     def _check_model_context(self, model: Any, context_size: int) -> None:
@@ -280,6 +284,7 @@ class CacheActivationsRunner:
             exclude_token_ids=resolved.special.excluded,
             fp16_overflow=cfg.fp16_overflow,
             label_dtypes=resolved.labels,
+            forward_threads=resolved.forward_threads,
         )
 
     # -- publishing ---------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The activations store: token rows in, buffers of activations out (compute only).
 
-Owns batching token rows, one `capture` per batch, moving activations to host memory in the storage
+Owns batching token rows, one forward pass per batch (on a CPU model, `forward_threads` passes at
+once on a thread pool, results taken in batch order, so the output does not depend on the thread
+count), moving activations to host memory in the storage
 dtype, float16 overflow detection, per-hook statistics, and cutting the stream into buffers of
 exactly `plan.rows_in_buffer(i)` rows. With `exclude_token_ids`, the excluded tokens' positions are
 dropped and the kept positions are packed into rows (only used when positions are later shuffled
@@ -12,7 +14,11 @@ so a resumed run recomputes exactly the same batches and produces identical byte
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
 import itertools
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sae_cache.arrow_format import TOKEN_IDS
-from sae_cache.model import capture, model_device
+from sae_cache.model import HookCapture, model_device
 from sae_cache.plan import CachePlan
 from sae_cache.writer import Buffer, allocate_host_buffer
 
@@ -128,8 +134,10 @@ class ActivationsStore:
         exclude_token_ids: list[int] | None = None,
         fp16_overflow: str = "error",
         label_dtypes: dict[str, str] | None = None,
+        forward_threads: int = 1,
     ) -> None:
         self.model = model
+        self.forward_threads = forward_threads
         self.label_dtypes = label_dtypes or {}
         self.token_rows = token_rows
         self.plan = plan
@@ -172,11 +180,14 @@ class ActivationsStore:
         chunks = self._chunks(start_batch)
         pending: list[_Chunk] = []
         skip = start_skip
-        for index in range(start_index, self.plan.n_buffers):
-            buffer = Buffer(index=index, tensors=acquire(self.new_host_buffer), n_rows=self.plan.rows_in_buffer(index))
-            pending, skip = self._fill(buffer, chunks, pending, skip)
-            buffer.next_batch, buffer.next_skip = (pending[0].batch, skip) if pending else (self._batches_done, 0)
-            yield buffer
+        try:
+            for index in range(start_index, self.plan.n_buffers):
+                buffer = Buffer(index=index, tensors=acquire(self.new_host_buffer), n_rows=self.plan.rows_in_buffer(index))
+                pending, skip = self._fill(buffer, chunks, pending, skip)
+                buffer.next_batch, buffer.next_skip = (pending[0].batch, skip) if pending else (self._batches_done, 0)
+                yield buffer
+        finally:
+            chunks.close()  # removes the hooks and restores torch's thread count now, not at garbage collection
 
     def _fill(self, buffer: Buffer, chunks: Iterator[_Chunk], pending: list[_Chunk], skip: int):
         """Copy buffer.n_rows rows from pending chunks, then new ones, into the buffer; return leftovers and skip."""
@@ -221,14 +232,28 @@ class ActivationsStore:
             dest[name][at : at + n].copy_(values[start:stop])
 
     def _chunks(self, start_batch: int) -> Iterator[_Chunk]:
-        """Host chunks of every batch from start_batch on (rows, or kept positions when excluding)."""
+        """Host chunks of every batch from start_batch on (rows, or kept positions when excluding), in batch order."""
+        self._batches_done = start_batch
+        capture = HookCapture(
+            self.model, self.hooks, positions=self.positions, autocast=self.autocast, model_kwargs=self.model_kwargs
+        )
+        with capture, _torch_threads_split(self.forward_threads):
+            for chunk in _ordered_map(lambda batch: self._compute(capture, *batch), self._batches(start_batch), self.forward_threads):
+                for hook in self.hooks:
+                    self._check_overflow(hook, chunk.unit_stats[hook])
+                self._batches_done = chunk.batch + 1
+                yield chunk
+
+    def _batches(self, start_batch: int) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
+        """(batch index, tokens_BL, labels) of every batch from start_batch on, read on the calling thread."""
         rows = iter(self.token_rows)
         if start_batch:
             consumed = sum(1 for _ in itertools.islice(rows, start_batch * self.batch_size))
             if consumed < start_batch * self.batch_size:
                 raise ValueError("the dataset is shorter than the part already cached: it changed since the first run.")
-        self._batches_done = start_batch
-        for batch_index in itertools.count(start_batch):
+        # Without exclusion every batch gives batch_size rows: read no batch past the last one needed.
+        last = math.ceil(self.plan.n_rows / self.batch_size) if self.exclude is None else None
+        for batch_index in itertools.count(start_batch) if last is None else range(start_batch, last):
             batch = list(itertools.islice(rows, self.batch_size))
             if not batch:
                 return
@@ -239,35 +264,24 @@ class ActivationsStore:
                     name: torch.tensor([r[name] for r in label_rows], dtype=getattr(torch, dtype)).view(-1, 1)
                     for name, dtype in self.label_dtypes.items()
                 }
-            chunk = self._compute(batch_index, torch.stack(batch))
-            chunk.labels = labels
-            self._batches_done = batch_index + 1
-            yield chunk
+            yield batch_index, torch.stack(batch), labels
 
     @torch.no_grad()
-    def _compute(self, batch_index: int, tokens_BL: torch.Tensor) -> _Chunk:
-        device = model_device(self.model)
-        acts = capture(
-            self.model,
-            tokens_BL.to(device),
-            self.hooks,
-            positions=self.positions,
-            autocast=self.autocast,
-            model_kwargs=self.model_kwargs,
-        )
+    def _compute(self, capture: HookCapture, batch_index: int, tokens_BL: torch.Tensor, labels: dict[str, torch.Tensor]) -> _Chunk:
+        """One batch's forward pass, storage cast and per-unit statistics (may run on a forward thread)."""
+        acts = capture(tokens_BL.to(self.device))
         tokens_BL = tokens_BL[:, self.positions]
         keep = None
         if self.exclude is not None:
             keep = ~torch.isin(tokens_BL.reshape(-1), self.exclude)
             tokens_BL = tokens_BL.reshape(-1)[keep]
         units = len(tokens_BL)
-        chunk = _Chunk(batch=batch_index, acts={}, tokens=tokens_BL.reshape(units, -1).cpu())
+        chunk = _Chunk(batch=batch_index, acts={}, tokens=tokens_BL.reshape(units, -1).cpu(), labels=labels)
         for hook, act in acts.items():
             if keep is not None:
                 act = act.reshape(-1, act.shape[-1])[keep.to(act.device)]
             stored = act.to(self.storage_dtype)
             chunk.unit_stats[hook] = HookStats.per_unit(act, stored).cpu()
-            self._check_overflow(hook, chunk.unit_stats[hook])
             chunk.acts[hook] = stored.reshape(units, -1)
         return chunk
 
@@ -282,3 +296,51 @@ class ActivationsStore:
         if self.fp16_overflow == "error":
             raise Float16OverflowError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def resolve_forward_threads(requested: int | None, device: torch.device) -> int:
+    """Concurrent forward passes for a model on `device`: the requested number, or 2 on a multi-threaded CPU."""
+    if requested is None:
+        return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
+    if requested > 1 and device.type != "cpu":
+        raise ValueError(
+            f"forward_threads={requested} runs forward passes on threads, which helps only a model on the CPU; "
+            f"this model is on {device}: leave forward_threads unset (or 1)."
+        )
+    return requested
+
+
+def _ordered_map(fn: Callable, items: Iterator, threads: int) -> Iterator:
+    """fn over items, results in item order; with threads > 1, that many calls run at once on a pool.
+
+    Items are drawn on the calling thread, at most threads + 1 ahead of the results consumed. An
+    exception in fn is raised here, at its item's turn; leaving early cancels what has not started
+    and waits for what has.
+    """
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sae_cache-forward") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+@contextlib.contextmanager
+def _torch_threads_split(n_forward: int) -> Iterator[None]:
+    """Share torch's intra-op threads among n_forward concurrent forward passes; restore the count after."""
+    before = torch.get_num_threads()
+    if n_forward > 1:
+        torch.set_num_threads(max(1, before // n_forward))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -102,16 +102,16 @@ def listing(path: Path) -> list[str]:
 
 def _forward(n):
     """During the n-th forward pass (counted from 1): its activations computed, never stored."""
-    real, calls = store.capture, [0]
+    real, calls = store.ActivationsStore._compute, [0]
 
-    def capture(*args, **kwargs):
+    def compute(*args, **kwargs):
         calls[0] += 1
-        acts = real(*args, **kwargs)
+        chunk = real(*args, **kwargs)
         if calls[0] == n:
             die(f"in forward pass {n}")
-        return acts
+        return chunk
 
-    store.capture = capture
+    store.ActivationsStore._compute = compute
 
 
 def _shard_truncated(n):

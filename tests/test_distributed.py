@@ -30,13 +30,13 @@ rank, world, init, options = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], js
 dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
 kill_rank, kill_at = options.pop("kill_rank", None), options.pop("kill_at_forward", None)
 if rank == kill_rank:
-    real, calls = store.capture, [0]
-    def capture(*a, **k):
+    real, calls = store.ActivationsStore._compute, [0]
+    def compute(*a, **k):
         calls[0] += 1
         if calls[0] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*a, **k)
-    store.capture = capture
+    store.ActivationsStore._compute = compute
 cfg = CacheActivationsRunnerConfig(**options)
 ds = CacheActivationsRunner(cfg, override_dataset=Dataset.from_dict({{"text": make_texts(400)}}), model=build_model(build_tokenizer())).run()
 print(json.dumps({{"rank": rank, "rows": len(ds)}}))

@@ -20,7 +20,7 @@ def no_forward(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a forward pass ran before the error")
 
-    monkeypatch.setattr(store, "capture", forbidden)
+    monkeypatch.setattr(store.ActivationsStore, "_compute", forbidden)
 
 
 def assert_fails_cleanly(cfg, dataset, model, match, error=ValueError):
@@ -104,25 +104,25 @@ def test_dataset_too_small_never_presents_a_cache(model, make_cfg):
 
 
 def interrupt_at_forward(n: int, real):
-    """A stand-in for store.capture that raises KeyboardInterrupt at the n-th forward pass."""
+    """A stand-in for ActivationsStore._compute that raises KeyboardInterrupt at the n-th forward pass."""
     calls = {"n": 0}
 
-    def capture(*args, **kwargs):
+    def compute(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == n:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    return capture
+    return compute
 
 
 def test_interrupted_run_needs_resume_or_overwrite(model, text_dataset, make_cfg, monkeypatch):
     cfg = make_cfg()
-    real = store.capture
-    monkeypatch.setattr(store, "capture", interrupt_at_forward(3, real))
+    real = store.ActivationsStore._compute
+    monkeypatch.setattr(store.ActivationsStore, "_compute", interrupt_at_forward(3, real))
     with pytest.raises(KeyboardInterrupt):
         CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model).run()
-    monkeypatch.setattr(store, "capture", real)
+    monkeypatch.setattr(store.ActivationsStore, "_compute", real)
     with pytest.raises(ValueError, match="resume=True"):
         CacheActivationsRunner(make_cfg(), override_dataset=text_dataset, model=model).run()
     assert not Path(cfg.new_cached_activations_path).exists()
@@ -132,11 +132,11 @@ def test_resume_gives_the_same_cache_and_refuses_changed_config(model, text_data
     reference = CacheActivationsRunner(
         make_cfg(shuffle=True, new_cached_activations_path=str(tmp_path / "ref")), override_dataset=text_dataset, model=model
     ).run().with_format("torch")[:]
-    real = store.capture
-    monkeypatch.setattr(store, "capture", interrupt_at_forward(6, real))
+    real = store.ActivationsStore._compute
+    monkeypatch.setattr(store.ActivationsStore, "_compute", interrupt_at_forward(6, real))
     with pytest.raises(KeyboardInterrupt):
         CacheActivationsRunner(make_cfg(shuffle=True), override_dataset=text_dataset, model=model).run()
-    monkeypatch.setattr(store, "capture", real)
+    monkeypatch.setattr(store.ActivationsStore, "_compute", real)
     shards = sorted(RunPaths(Path(make_cfg().new_cached_activations_path)).shards.glob("*.json"))
     assert len(shards) == 2  # two complete buffers of two batches each survived
     with pytest.raises(ValueError, match="seed"):
