@@ -15,6 +15,8 @@ import numpy as np
 from sae_cache.config import CacheActivationsRunnerConfig
 
 TOKEN_ID_BYTES = 4  # token_ids are stored as int32
+PIECE_BYTES = 64 << 20  # host memory is filled and written in pieces of at most this (and at most a quarter buffer)
+PIECES_PER_BUFFER = 4
 OFFSET_BYTES = 4  # Array2D stores list<list<...>>: one int32 offset per row and per position
 
 
@@ -27,6 +29,7 @@ class CachePlan:
     sliced_context_size: int
     n_rows: int
     rows_per_buffer: int
+    rows_per_piece: int
     n_buffers: int
     itemsize: int
     bytes_per_row: int
@@ -47,6 +50,11 @@ class CachePlan:
         """Rows of buffer `index`; the last buffer is trimmed to the exact row count."""
         return min(self.rows_per_buffer, self.n_rows - index * self.rows_per_buffer)
 
+    def pieces_of_buffer(self, index: int) -> list[int]:
+        """Row counts of the pieces that buffer `index` is filled and written in (one record batch each)."""
+        rows = self.rows_in_buffer(index)
+        return [min(self.rows_per_piece, rows - start) for start in range(0, rows, self.rows_per_piece)]
+
     def with_rows(self, n_rows: int) -> CachePlan:
         """The same plan for a part of the rows (one rank's share): buffers of the same size."""
         return replace(self, n_rows=n_rows, n_buffers=math.ceil(n_rows / self.rows_per_buffer))
@@ -63,7 +71,8 @@ class CachePlan:
                 f"rows x length:      {self.n_rows:,} x {self.sliced_context_size} "
                 f"(context {self.context_size}) = {self.n_tokens:,} tokens",
                 f"buffers:            {self.n_buffers} of {self.rows_per_buffer:,} rows "
-                f"({self.tokens_per_buffer:,} tokens, {_gb(self.rows_per_buffer * self.bytes_per_row)})",
+                f"({self.tokens_per_buffer:,} tokens, {_gb(self.rows_per_buffer * self.bytes_per_row)}), "
+                f"written in pieces of {self.rows_per_piece:,} rows",
                 f"activation bytes:   {_gb(self.activation_bytes)}",
                 f"disk (final/peak):  {_gb(self.disk_bytes)} / {_gb(self.peak_disk_bytes)}",
             ]
@@ -94,6 +103,7 @@ def make_plan(cfg: CacheActivationsRunnerConfig, *, context_size: int, hook_dims
         sliced_context_size=length,
         n_rows=n_rows,
         rows_per_buffer=rows_per_buffer,
+        rows_per_piece=_rows_per_piece(rows_per_buffer, bytes_per_row),
         n_buffers=math.ceil(n_rows / rows_per_buffer),
         itemsize=itemsize,
         bytes_per_row=bytes_per_row,
@@ -109,6 +119,12 @@ def _rows_per_buffer(cfg: CacheActivationsRunnerConfig, bytes_per_row: int) -> i
     if rows >= cfg.model_batch_size:
         rows -= rows % cfg.model_batch_size
     return rows
+
+
+def _rows_per_piece(rows_per_buffer: int, bytes_per_row: int) -> int:
+    """Rows of one piece: a quarter of a buffer, at most PIECE_BYTES, at least one row."""
+    rows = min(math.ceil(rows_per_buffer / PIECES_PER_BUFFER), PIECE_BYTES // bytes_per_row)
+    return max(1, rows)
 
 
 def _gb(n_bytes: int) -> str:

@@ -2,14 +2,16 @@
 
 Owns batching token rows, one forward pass per batch (on a CPU model, `forward_threads` passes at
 once on a thread pool, results taken in batch order, so the output does not depend on the thread
-count), moving activations to host memory in the storage
-dtype, float16 overflow detection, per-hook statistics, and cutting the stream into buffers of
-exactly `plan.rows_in_buffer(i)` rows. With `exclude_token_ids`, the excluded tokens' positions are
-dropped and the kept positions are packed into rows (only used when positions are later shuffled
-across sequences). It knows nothing of files.
+count), moving activations to host memory in the storage dtype, float16 overflow detection,
+per-hook statistics, and cutting the stream into buffers of exactly `plan.rows_in_buffer(i)` rows,
+each filled and handed on in pieces of at most `plan.rows_per_piece` rows (host memory holds a few
+pieces, not whole buffers). With `exclude_token_ids`, the excluded tokens' positions are dropped and
+the kept positions are packed into rows (only used when positions are later shuffled across
+sequences). It knows nothing of files.
 
-Every buffer records where the next one starts in the stream of batches (`next_batch`, `next_skip`),
-so a resumed run recomputes exactly the same batches and produces identical bytes.
+Every piece records where the stream goes on after it (`next_batch`, `next_skip`); a buffer's last
+piece is the resume point, so a resumed run recomputes exactly the same batches and produces
+identical bytes.
 """
 
 from __future__ import annotations
@@ -158,11 +160,11 @@ class ActivationsStore:
         self.stats.update({hook: HookStats(**fields) for hook, fields in raw.items()})
 
     def new_host_buffer(self) -> dict[str, torch.Tensor]:
-        """Host tensors for one full buffer, pinned when the model is on CUDA."""
+        """Host tensors for one piece of a buffer, pinned when the model is on CUDA."""
         plan = self.plan
         pin = self.device.type == "cuda"
         return allocate_host_buffer(
-            plan.hook_dims, plan.rows_per_buffer, plan.sliced_context_size, self.storage_dtype, pin=pin, labels=self.label_dtypes
+            plan.hook_dims, plan.rows_per_piece, plan.sliced_context_size, self.storage_dtype, pin=pin, labels=self.label_dtypes
         )
 
     def buffers(
@@ -172,9 +174,10 @@ class ActivationsStore:
         start_index: int = 0,
         acquire: Callable[[Callable[[], dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None,
     ) -> Iterator[Buffer]:
-        """Yield buffers start_index.. of the plan; the stream starts at batch start_batch, skipping start_skip units.
+        """Yield the pieces of buffers start_index.. of the plan, in order (`first`/`last` mark a buffer's ends).
 
-        `acquire(make)` supplies the host tensors to fill (a pool); by default each buffer gets new ones.
+        The stream starts at batch start_batch, skipping start_skip units. `acquire(make)` supplies the
+        host tensors to fill (a pool); by default each piece gets new ones.
         """
         acquire = acquire or (lambda make: make())
         chunks = self._chunks(start_batch)
@@ -182,10 +185,12 @@ class ActivationsStore:
         skip = start_skip
         try:
             for index in range(start_index, self.plan.n_buffers):
-                buffer = Buffer(index=index, tensors=acquire(self.new_host_buffer), n_rows=self.plan.rows_in_buffer(index))
-                pending, skip = self._fill(buffer, chunks, pending, skip)
-                buffer.next_batch, buffer.next_skip = (pending[0].batch, skip) if pending else (self._batches_done, 0)
-                yield buffer
+                pieces = self.plan.pieces_of_buffer(index)
+                for k, n_rows in enumerate(pieces):
+                    piece = Buffer(index, acquire(self.new_host_buffer), n_rows, first=k == 0, last=k == len(pieces) - 1)
+                    pending, skip = self._fill(piece, chunks, pending, skip)
+                    piece.next_batch, piece.next_skip = (pending[0].batch, skip) if pending else (self._batches_done, 0)
+                    yield piece
         finally:
             chunks.close()  # removes the hooks and restores torch's thread count now, not at garbage collection
 

@@ -1,11 +1,13 @@
-"""The shard writer: buffers to shard files in a background thread, while the next buffer is computed.
+"""The shard writer: pieces of buffers to shard files in a background thread, while the next piece is computed.
 
 Owns the shards directory (`shard_XXXXX.arrow`, then `shard_XXXXX.json` once the shard is complete:
-a shard without its manifest is redone on resume), a pool of reusable host buffers (pinned when the
-model is on CUDA, so device-to-host copies are asynchronous) and the thread that writes them. The
-queue is bounded: at most one buffer is being filled while one is being written, so host memory
-stays at two buffers. An error in the thread is raised in the caller at its next call; `close()`
-waits for the last shard.
+a shard without its manifest is redone on resume), a pool of reusable host pieces (pinned when the
+model is on CUDA, so device-to-host copies are asynchronous) and the thread that writes them. A
+buffer arrives as pieces in order, each appended to its shard as one record batch; the shard is
+fsynced, renamed and given its manifest after its last piece. The queue is bounded and the pool
+holds three pieces (one being filled, one queued, one being written), so host memory stays at
+three pieces whatever the buffer size. An error in the thread is raised in the caller at its next
+call; `close()` waits for the last shard.
 """
 
 from __future__ import annotations
@@ -20,18 +22,20 @@ from pathlib import Path
 import torch
 from datasets import Features
 
-from sae_cache.arrow_format import TOKEN_IDS, read_json, write_arrow_file, write_json_atomic
+from sae_cache.arrow_format import TOKEN_IDS, ArrowFileWriter, read_json, write_json_atomic
 
 _STOP = object()
 
 
 @dataclass
 class Buffer:
-    """One buffer of rows: host tensors (full size, trimmed by n_rows) plus where the stream goes on."""
+    """Rows of buffer `index` (all of it, or one piece): host tensors (trimmed by n_rows), where the stream goes on."""
 
     index: int
     tensors: dict[str, torch.Tensor]
     n_rows: int
+    first: bool = True  # the buffer's first piece: opens its shard
+    last: bool = True  # the buffer's last piece: completes its shard
     next_batch: int = 0
     next_skip: int = 0
 
@@ -43,7 +47,7 @@ class Buffer:
 class ShardWriter:
     """Writes Buffers as shards, in order, on a background thread (or inline with background=False)."""
 
-    def __init__(self, directory: Path, features: Features, *, background: bool = True, pool_size: int = 2) -> None:
+    def __init__(self, directory: Path, features: Features, *, background: bool = True, pool_size: int = 3) -> None:
         self.directory = Path(directory)
         self.features = features
         self.background = background
@@ -52,6 +56,7 @@ class ShardWriter:
         self._pool_size = pool_size
         self._todo: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
+        self._open: ArrowFileWriter | None = None  # the shard being written, between its first and last piece
         self._thread = threading.Thread(target=self._work, name="sae_cache-writer", daemon=True) if background else None
         if self._thread is not None:
             self._thread.start()
@@ -77,7 +82,7 @@ class ShardWriter:
     # -- buffers --------------------------------------------------------------------------------
 
     def acquire(self, make: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """A host buffer to fill: a new one while the pool is short, else one the writer has released."""
+        """Host tensors to fill: new ones while the pool is short, else ones the writer has released."""
         self._raise_if_failed()
         if self._allocated < self._pool_size and self._free.empty():
             self._allocated += 1
@@ -89,7 +94,7 @@ class ShardWriter:
                 self._raise_if_failed()
 
     def submit(self, buffer: Buffer, manifest: dict) -> None:
-        """Queue a filled buffer to be written as shard `buffer.index` with `manifest`."""
+        """Queue a filled piece of shard `buffer.index`; `manifest` goes with the shard after its last piece."""
         self._raise_if_failed()
         if self._thread is None:
             self._write(buffer, manifest)
@@ -138,8 +143,16 @@ class ShardWriter:
         path = self.shard_path(buffer.index)
         partial = path.with_name(path.name + ".partial")
         try:
-            write_arrow_file(partial, self.features, buffer.columns())
+            if buffer.first:
+                self._open = ArrowFileWriter(partial, self.features)
+            assert self._open is not None, "a shard's pieces arrive in order, its first piece first"
+            self._open.write(buffer.columns())
+            shard_rows = self._open.rows
+            if buffer.last:
+                self._open.close()
+                self._open = None
         except OSError as e:
+            self._open = None
             if e.errno != errno.ENOSPC:
                 raise
             partial.unlink(missing_ok=True)
@@ -148,9 +161,10 @@ class ShardWriter:
                 f"disk full while writing shard {buffer.index} in {self.directory}: the {buffer.index} shard(s) before it "
                 "are kept. Free some space, then rerun with resume=True.",
             ) from e
-        partial.replace(path)
-        rows = {"rows": buffer.n_rows, "next_batch": buffer.next_batch, "next_skip": buffer.next_skip}
-        write_json_atomic(self.manifest_path(buffer.index), {**rows, **manifest})
+        if buffer.last:
+            partial.replace(path)
+            rows = {"rows": shard_rows, "next_batch": buffer.next_batch, "next_skip": buffer.next_skip}
+            write_json_atomic(self.manifest_path(buffer.index), {**rows, **manifest})
         if self._thread is None:
             self._free.put(buffer.tensors)
 

@@ -116,17 +116,16 @@ def _forward(n):
 
 def _shard_truncated(n):
     """Shard n's `.partial` file written, then cut to half its bytes (a write the kill interrupted)."""
-    real = writer.write_arrow_file
 
-    def write_arrow_file(path, features, columns):
-        rows = real(path, features, columns)
-        if Path(path).name == f"shard_{n:05d}.arrow.partial":
-            size = os.path.getsize(path)
-            os.truncate(path, size // 2)
-            die(f"shard {n} half written ({size // 2} of {size} bytes)", shards=listing(Path(path).parent))
-        return rows
+    class TruncatedShard(writer.ArrowFileWriter):
+        def close(self):
+            super().close()
+            if self.path.name == f"shard_{n:05d}.arrow.partial":
+                size = os.path.getsize(self.path)
+                os.truncate(self.path, size // 2)
+                die(f"shard {n} half written ({size // 2} of {size} bytes)", shards=listing(self.path.parent))
 
-    writer.write_arrow_file = write_arrow_file
+    writer.ArrowFileWriter = TruncatedShard
 
 
 def _shard_unmanifested(n):

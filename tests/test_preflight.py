@@ -173,16 +173,14 @@ def test_disk_full_mid_run_is_clear_and_resumable(model, text_dataset, make_cfg,
 
     from sae_cache import writer
 
-    real = writer.write_arrow_file
-    calls = {"n": 0}
+    real = writer.ArrowFileWriter.write
 
-    def full_on_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def full_in_third_shard(self, columns):
+        if self.path.name.startswith("shard_00002") and self.rows:  # its second piece
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*args, **kwargs)
+        return real(self, columns)
 
-    monkeypatch.setattr(writer, "write_arrow_file", full_on_third)
+    monkeypatch.setattr(writer.ArrowFileWriter, "write", full_in_third_shard)
     with pytest.raises(OSError, match="disk full while writing shard 2"):
         CacheActivationsRunner(make_cfg(), override_dataset=text_dataset, model=model).run()
     paths = RunPaths(Path(make_cfg().new_cached_activations_path))
