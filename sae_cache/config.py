@@ -78,7 +78,8 @@ class CacheActivationsRunnerConfig:
     """Device of the model: cuda when available, else cpu."""
 
     buffer_size_gb: float = 2.0
-    """Size of one buffer of activations in GB (1e9 bytes). Each buffer becomes one Arrow shard; memory stays near one buffer."""
+    """Size of one buffer of activations in GB (1e9 bytes): one Arrow shard, the unit of resuming. It is filled and written
+    in pieces of at most a quarter buffer or 64 MiB, so host memory stays at three pieces whatever its size."""
 
     hf_repo_id: str | None = None
     """Hugging Face dataset repository to push the finished cache to (none: keep it local)."""
