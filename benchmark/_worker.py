@@ -414,11 +414,15 @@ def task_write(mode: str, directory: str, buffer_mib: int, n_buffers: int, conte
         elif mode == "arrow":
             for i in range(n_buffers):
                 write_arrow_file(out / f"data-{i:05d}.arrow", features, columns)
-        elif mode == "shardwriter":
+        elif mode == "shardwriter":  # each buffer in the runner's pieces (a quarter buffer, at most 64 MiB)
             tensors = {k: torch.from_numpy(v) for k, v in columns.items()}
+            piece = max(1, min(-(-rows // 4), (64 * MiB) // (context * D_MODEL * 4)))
             with ShardWriter(out, features) as writer:
                 for i in range(n_buffers):
-                    writer.submit(Buffer(index=i, tensors=tensors, n_rows=rows), {"stats": {}})
+                    for start in range(0, rows, piece):
+                        part = {k: v[start : start + piece] for k, v in tensors.items()}
+                        writer.submit(Buffer(i, part, len(part["token_ids"]), first=start == 0, last=start + piece >= rows),
+                                      {"stats": {}})
         elif mode == "datasets":  # SAELens's path: Dataset.from_dict(tensors).save_to_disk (no fsync)
             from datasets import Dataset
 

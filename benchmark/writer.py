@@ -7,7 +7,8 @@ one file per buffer, and fsyncs each file:
 
 - raw: the same bytes with one sequential `write` + fsync per file (the floor);
 - write_arrow_file: sae_cache.arrow_format's Arrow IPC writer (what every shard goes through);
-- ShardWriter: the background writer thread (submit/close, manifest, rename) around it;
+- ShardWriter: the background writer thread (submit/close, manifest, rename) around it, each buffer
+  submitted in the runner's pieces (a quarter buffer, at most 64 MiB: one record batch each);
 - datasets save_to_disk: SAELens's path (`Dataset.from_dict(tensors).save_to_disk`, no fsync), for reference.
 
 MB/s counts payload bytes (activations + token ids, 1 MB = 1e6 bytes). Runs alternate; best of N.
