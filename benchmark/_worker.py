@@ -211,7 +211,8 @@ def _apply_ablations(ablate: list[str]) -> None:
 
 
 def task_sae_cache(data: str, kind: str, out: str, training_tokens: int, buffer_size_gb: float, shuffle: bool,
-                   batch: int, context: int, hook: str = HOOK, keep: bool = False, ablate: list[str] = ()) -> dict:
+                   batch: int, context: int, hook: str = HOOK, keep: bool = False, ablate: list[str] = (),
+                   forward_threads: int | None = None) -> dict:
     """sae_cache's CacheActivationsRunner end to end (construction + run(), model built beforehand)."""
     from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig
 
@@ -222,7 +223,7 @@ def task_sae_cache(data: str, kind: str, out: str, training_tokens: int, buffer_
     cfg = CacheActivationsRunnerConfig(
         model_name="bench-model", hook_name=hook, d_in=D_MODEL, training_tokens=training_tokens,
         context_size=context, model_batch_size=batch, new_cached_activations_path=out, shuffle=shuffle,
-        device="cpu", buffer_size_gb=buffer_size_gb, overwrite=True,
+        device="cpu", buffer_size_gb=buffer_size_gb, overwrite=True, forward_threads=forward_threads,
     )
     with Timed() as t:
         runner = CacheActivationsRunner(cfg, override_dataset=dataset, model=model)
