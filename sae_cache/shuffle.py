@@ -1,4 +1,4 @@
-"""The on-disk shuffle, in memory bounded by about half a buffer whatever the cache size.
+"""The on-disk shuffle, in memory bounded by a few buckets (about a buffer) whatever the cache size.
 
 Owns turning shards in stream order into data files whose rows (or, across sequences, positions)
 are in a uniformly random order, reproducible from the seed. Every item (a row, or a position with
@@ -11,13 +11,20 @@ items sorted by key, computed in two passes over the disk:
    to the output files, rows_per_file rows each.
 
 Concatenating the sorted buckets is the global sort, so the result is a uniform random permutation.
+
+Speed: each pass copies every item once in memory (`np.take` from the shard's memory map, or from
+the bucket as read, into a buffer reused all along) while one background thread writes (and fsyncs)
+the previous buffer, so that file I/O overlaps the reordering. Memory: the scatter holds two chunks
+of SCATTER_CHUNK_BYTES and the memory map of one; the gather one bucket as read and two sorted
+buckets (with bucket_bytes a quarter of a buffer, about three quarters of a buffer).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +66,17 @@ def shuffle_shards(
     item_bytes = bytes_per_row // length if across_sequences else bytes_per_row
     n_buckets = max(1, math.ceil(n_items * item_bytes / max(bucket_bytes, 1)))
     width = min(-(-KEY_LIMIT // n_buckets), KEY_LIMIT - 1)  # keys are < KEY_LIMIT - 1
+    layouts = _item_layouts(features, across_sequences)
     reset_dir(scratch)
-    _scatter(shard_files, scratch, features, seed=seed, across=across_sequences, width=width, item_bytes=item_bytes)
-    return _gather(scratch, out_dir, features, n_buckets=n_buckets, n_rows=n_rows, rows_per_file=rows_per_file, across=across_sequences)
+    with _Background() as background:
+        counts = _scatter(shard_files, scratch, layouts, background, seed=seed, across=across_sequences, width=width, n_buckets=n_buckets)
+    sink = _RowSink(out_dir, features, n_rows=n_rows, rows_per_file=rows_per_file)
+    with _Background() as background:
+        _gather(scratch, sink, layouts, background, counts=counts, length=length if across_sequences else 1)
+        background.submit(sink.close)
+    if sink.file_index != sink.n_files:
+        raise RuntimeError(f"the shuffle wrote {sink.file_index} data files, expected {sink.n_files}: the shards are inconsistent.")
+    return sink.names
 
 
 def _bytes_per_row(features: Features) -> int:
@@ -72,6 +87,16 @@ def _bytes_per_row(features: Features) -> int:
     return total
 
 
+def _item_layouts(features: Features, across: bool) -> dict[str, tuple[tuple[int, ...], int, np.dtype]]:
+    """Per column: the shape of one row's value, the values per item, and the dtype."""
+    layouts = {}
+    for name, feature in features.items():
+        shape, dtype = feature_row_layout(feature)
+        per_item = int(np.prod(shape[1:])) if across else int(np.prod(shape))
+        layouts[name] = (shape, per_item, dtype)
+    return layouts
+
+
 def _items(columns: dict[str, np.ndarray], across: bool) -> dict[str, np.ndarray]:
     """Columns viewed as one item per row (rows mode) or per position (across sequences), 2-D."""
     if across:
@@ -79,45 +104,109 @@ def _items(columns: dict[str, np.ndarray], across: bool) -> dict[str, np.ndarray
     return {k: v.reshape(len(v), -1) for k, v in columns.items()}
 
 
-def _shard_item_chunks(path: Path, across: bool, item_bytes: int) -> Iterator[dict[str, np.ndarray]]:
-    """Items of one shard in chunks of about SCATTER_CHUNK_BYTES, each from a fresh memory map (bounded RSS)."""
-    n_batches = sum(1 for _ in read_arrow_columns(path))
-    for b in range(n_batches):
-        n_items = len(next(v for v in _items(_nth_batch(path, b), across).values()))
-        step = max(1, SCATTER_CHUNK_BYTES // item_bytes)
-        for start in range(0, n_items, step):
-            items = _items(_nth_batch(path, b), across)
-            yield {k: np.array(v[start : start + step]) for k, v in items.items()}
+def _item_buffers(layouts, n_items: int) -> dict[str, np.ndarray]:
+    """Empty 2-D arrays of n_items items per column, reused across chunks or buckets."""
+    return {name: np.empty((n_items, per_item), dtype) for name, (_, per_item, dtype) in layouts.items()}
 
 
-def _nth_batch(path: Path, index: int) -> dict[str, np.ndarray]:
-    for i, columns in enumerate(read_arrow_columns(path)):
-        if i == index:
-            return columns
-    raise IndexError(index)
+def _take(items: dict[str, np.ndarray], order: np.ndarray, out: dict[str, np.ndarray], start: int = 0) -> None:
+    """out[name][start : start + len(order)] = items[name][order], with no temporary (mode="clip" is unbuffered)."""
+    for name, values in items.items():
+        np.take(values, order, axis=0, out=out[name][start : start + len(order)], mode="clip")
 
 
-def _scatter(shard_files, scratch: Path, features: Features, *, seed: int, across: bool, width: int, item_bytes: int) -> None:
-    names = list(features)
-    position = 0
+class _Background:
+    """One thread that runs jobs in submission order while the caller prepares the next one.
+
+    `submit` first waits for the previous job and raises its error, so a caller alternating two
+    buffers never overwrites the one being written; leaving the `with` block waits for the last job
+    (and raises its error unless another is already propagating). At most one job is ever pending.
+    """
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sae_cache-shuffle")
+        self._pending: Future | None = None
+
+    def submit(self, job: Callable[..., object], *args) -> None:
+        self.wait()
+        self._pending = self._executor.submit(job, *args)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> _Background:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+
+
+def _chunks(shard_files: list[Path], across: bool, chunk_items: int) -> Iterator[tuple[Path, int, int, int]]:
+    """(shard, batch index, start, stop): the stream's items in chunks of at most chunk_items."""
     for path in shard_files:
-        for items in _shard_item_chunks(path, across, item_bytes):
-            count = len(items[TOKEN_IDS])
-            keys = item_keys(seed, position, position + count)
-            position += count
-            buckets = keys // width
-            order = np.argsort(buckets, kind="stable")
-            bounds = np.searchsorted(buckets[order], np.arange(buckets.max() + 2))
-            for bucket in np.unique(buckets):
-                sel = order[bounds[bucket] : bounds[bucket + 1]]
-                _append(scratch / f"{bucket:06d}.keys", keys[sel])
-                for i, name in enumerate(names):
-                    _append(scratch / f"{bucket:06d}.{i}", items[name][sel])
+        for b, columns in enumerate(read_arrow_columns(path)):
+            n_items = len(_items(columns, across)[TOKEN_IDS])
+            for start in range(0, n_items, chunk_items):
+                yield path, b, start, min(start + chunk_items, n_items)
+
+
+def _chunk_items(path: Path, batch: int, start: int, stop: int, across: bool) -> dict[str, np.ndarray]:
+    """Items start..stop-1 of a shard's batch: views on a fresh memory map, unmapped once dropped (bounded RSS)."""
+    for i, columns in enumerate(read_arrow_columns(path)):
+        if i == batch:
+            return {k: v[start:stop] for k, v in _items(columns, across).items()}
+    raise IndexError(batch)
+
+
+def _scatter(shard_files, scratch: Path, layouts, background: _Background, *, seed: int, across: bool, width: int, n_buckets: int) -> np.ndarray:
+    """Append every item to its bucket's files (keys, then one file per column); returns the item count of each bucket."""
+    item_bytes = sum(per_item * dtype.itemsize for _, per_item, dtype in layouts.values())
+    chunk_items = max(1, SCATTER_CHUNK_BYTES // item_bytes)
+    buffers = [_item_buffers(layouts, chunk_items) for _ in range(2)]
+    counts = np.zeros(n_buckets, np.int64)
+    position = 0
+    for chunk, (path, batch, start, stop) in enumerate(_chunks(shard_files, across, chunk_items)):
+        keys = item_keys(seed, position, position + stop - start)
+        position += len(keys)
+        buckets = keys // width
+        order = np.argsort(buckets, kind="stable")
+        present, first, sizes = np.unique(buckets[order], return_index=True, return_counts=True)
+        counts[present] += sizes
+        out = buffers[chunk % 2]  # free: the write of chunk - 2 finished before chunk - 1 was submitted
+        _take(_chunk_items(path, batch, start, stop, across), order, out)
+        files = {"keys": keys[order]} | {str(i): out[name][: len(keys)] for i, name in enumerate(layouts)}
+        background.submit(_append_buckets, scratch, files, present, first, first + sizes)
+    return counts
+
+
+def _append_buckets(scratch: Path, files: dict[str, np.ndarray], buckets, starts, stops) -> None:
+    """Append rows starts[j]..stops[j]-1 of each array to bucket buckets[j]'s file of that array."""
+    for bucket, start, stop in zip(buckets, starts, stops):
+        for suffix, values in files.items():
+            _append(scratch / f"{bucket:06d}.{suffix}", values[start:stop])
 
 
 def _append(path: Path, values: np.ndarray) -> None:
     with open(path, "ab") as f:
         f.write(np.ascontiguousarray(values).data)
+
+
+def _read_exactly(path: Path, out: np.ndarray) -> None:
+    """Fill the C-contiguous array `out` with the bytes of the file at `path` (exactly out.nbytes of them)."""
+    view = memoryview(out).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise EOFError(f"{path} holds {done} bytes, expected {len(view)}")
+            done += n
 
 
 class _RowSink:
@@ -149,35 +238,33 @@ class _RowSink:
             self.file_index += 1
 
 
-def _gather(scratch: Path, out_dir: Path, features: Features, *, n_buckets: int, n_rows: int, rows_per_file: int, across: bool) -> list[str]:
-    names = list(features)
-    length = features[TOKEN_IDS].length
-    layouts = {name: feature_row_layout(features[name]) for name in names}
-    sink = _RowSink(out_dir, features, n_rows=n_rows, rows_per_file=rows_per_file)
-    carry: dict[str, np.ndarray] | None = None
-    for bucket in range(n_buckets):
-        key_path = scratch / f"{bucket:06d}.keys"
-        if not key_path.exists():
-            continue
-        order = np.argsort(np.fromfile(key_path, dtype=np.int64), kind="stable")
-        items = {}
-        for i, name in enumerate(names):
-            flat = np.fromfile(scratch / f"{bucket:06d}.{i}", dtype=layouts[name][1])
-            items[name] = flat.reshape(len(order), -1)[order]
-        for path in scratch.glob(f"{bucket:06d}.*"):
-            os.remove(path)
-        if across:
-            items, carry = _pack_positions(items, carry, length)
-        sink.write({name: items[name].reshape(-1, *layouts[name][0]) for name in names})
-    sink.close()
-    if sink.file_index != sink.n_files:
-        raise RuntimeError(f"the shuffle wrote {sink.file_index} data files, expected {sink.n_files}: the shards are inconsistent.")
-    return sink.names
+def _replace_bucket(bucket_files: list[Path], sink: _RowSink, rows: dict[str, np.ndarray]) -> None:
+    """Delete a bucket's files, then write its sorted rows. Both on the writing thread: the output then
+    reuses the page cache just freed (on a VM, memory left free for long can be slow to touch again)."""
+    for path in bucket_files:
+        os.remove(path)
+    sink.write(rows)
 
 
-def _pack_positions(items: dict[str, np.ndarray], carry: dict[str, np.ndarray] | None, length: int):
-    """Prepend the positions carried from the last bucket; return whole rows' worth and the new carry."""
-    if carry is not None:
-        items = {k: np.concatenate([carry[k], v]) for k, v in items.items()}
-    whole = len(items[TOKEN_IDS]) // length * length
-    return {k: v[:whole] for k, v in items.items()}, {k: v[whole:] for k, v in items.items()}
+def _gather(scratch: Path, sink: _RowSink, layouts, background: _Background, *, counts: np.ndarray, length: int) -> None:
+    """Sort each bucket by key into one of two alternating buffers and hand its whole rows to the sink.
+
+    Items are packed `length` to a row (1 in rows mode); the positions left over after a bucket's
+    whole rows are carried to the front of the next buffer.
+    """
+    source = _item_buffers(layouts, int(counts.max()))
+    buffers = [_item_buffers(layouts, int(counts.max()) + length - 1) for _ in range(2)]
+    carry = 0
+    for k, bucket in enumerate(np.flatnonzero(counts)):
+        n, out = int(counts[bucket]), buffers[k % 2]
+        keys = np.empty(n, np.int64)
+        _read_exactly(scratch / f"{bucket:06d}.keys", keys)
+        for i, name in enumerate(layouts):
+            _read_exactly(scratch / f"{bucket:06d}.{i}", source[name][:n])
+        _take({name: source[name][:n] for name in layouts}, np.argsort(keys, kind="stable"), out, start=carry)
+        whole = (carry + n) // length * length
+        rows = {name: out[name][:whole].reshape(-1, *shape) for name, (shape, _, _) in layouts.items()}
+        background.submit(_replace_bucket, list(scratch.glob(f"{bucket:06d}.*")), sink, rows)
+        carry = carry + n - whole
+        for name in layouts:  # the other buffer is free now: its write has finished
+            buffers[(k + 1) % 2][name][:carry] = out[name][whole : whole + carry]

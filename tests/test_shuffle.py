@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sae_cache import CacheActivationsRunner
-from sae_cache.shuffle import item_keys
+from sae_cache.arrow_format import cache_features, read_arrow_columns, write_arrow_file
+from sae_cache.shuffle import _bytes_per_row, item_keys, shuffle_shards
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -126,10 +127,69 @@ def test_gather_holds_about_one_bucket(model, text_dataset, make_cfg, monkeypatc
     from sae_cache import shuffle as shuffle_module
 
     largest = []
-    real_fromfile = np.fromfile
-    monkeypatch.setattr(shuffle_module.np, "fromfile", lambda *a, **k: largest.append(real_fromfile(*a, **k).nbytes) or real_fromfile(*a, **k))
+    real_read = shuffle_module._read_exactly
+    monkeypatch.setattr(shuffle_module, "_read_exactly", lambda path, out: largest.append(out.nbytes) or real_read(path, out))
     cfg = make_cfg(shuffle=True, training_tokens=16 * 200, buffer_size_gb=make_cfg().buffer_size_gb * 2)
     CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model).run()
     buffer_bytes = cfg.buffer_size_gb * 1e9
     assert max(largest) < buffer_bytes  # a bucket is about a quarter of a buffer
     assert sum(largest) > 200 * 16 * 32 * 4  # yet every activation went through the buckets
+
+
+def synthetic_shards(directory: Path, rows_per_shard: list[int], length: int = 4, d: int = 3):
+    """Shards of one float32 hook whose values and token ids are the stream position (row * length + position)."""
+    features = cache_features({HOOK: d}, length, "float32")
+    files, row = [], 0
+    for i, rows in enumerate(rows_per_shard):
+        index = np.arange(row * length, (row + rows) * length).reshape(rows, length)
+        columns = {HOOK: np.repeat(index[..., None], d, axis=2).astype(np.float32), "token_ids": index.astype(np.int32)}
+        write_arrow_file(directory / f"shard{i}.arrow", features, columns)
+        files.append(directory / f"shard{i}.arrow")
+        row += rows
+    return features, files, row
+
+
+@pytest.mark.parametrize("across", [False, True])
+@pytest.mark.parametrize("bucket_rows", [0.3, 2.5, 1000])
+def test_order_is_the_stable_sort_of_the_item_keys(tmp_path, across, bucket_rows):
+    """Buckets of unequal sizes (smaller than a row, a few rows, all), reused buffers, positions carried
+    between buckets: the output is exactly the items sorted (stably) by their keys, cut into files."""
+    features, files, n_rows = synthetic_shards(tmp_path, [7, 1, 12], length=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    names = shuffle_shards(
+        files, features=features, seed=5, across_sequences=across, rows_per_file=6, n_rows=n_rows,
+        scratch=tmp_path / "scratch", out_dir=out, bucket_bytes=int(bucket_rows * _bytes_per_row(features)),
+    )
+    assert names == [f"data-{i:05d}-of-00004.arrow" for i in range(4)]
+    tokens = np.concatenate([c["token_ids"] for name in names for c in read_arrow_columns(out / name)])
+    acts = np.concatenate([c[HOOK] for name in names for c in read_arrow_columns(out / name)])
+    n_items = n_rows * 4 if across else n_rows
+    expected = np.argsort(item_keys(5, 0, n_items), kind="stable")
+    got = tokens.reshape(-1) if across else tokens[:, 0] // 4
+    assert np.array_equal(got, expected)
+    assert np.array_equal(acts[..., 0], tokens) and np.array_equal(acts[..., 2], tokens)
+
+
+def test_an_error_while_writing_propagates_and_stops_the_writer_thread(tmp_path, monkeypatch):
+    import threading
+
+    from sae_cache import shuffle as shuffle_module
+
+    features, files, n_rows = synthetic_shards(tmp_path, [8, 8])
+    calls = []
+
+    def failing_write(self, columns):
+        calls.append(len(columns["token_ids"]))
+        if len(calls) == 2:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(shuffle_module._RowSink, "write", failing_write)
+    before = threading.active_count()
+    with pytest.raises(OSError, match="disk full"):
+        shuffle_shards(
+            files, features=features, seed=1, across_sequences=False, rows_per_file=4, n_rows=n_rows,
+            scratch=tmp_path / "scratch", out_dir=tmp_path, bucket_bytes=_bytes_per_row(features) * 2,
+        )
+    assert len(calls) == 2  # nothing was written after the failure
+    assert threading.active_count() == before
