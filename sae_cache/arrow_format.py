@@ -113,9 +113,12 @@ def read_arrow_columns(path: Path) -> Iterator[dict[str, np.ndarray]]:
     Activation columns come out as (rows, length, d) arrays, token_ids as (rows, length) int32.
     The views keep the memory map alive; drop them to release it.
     """
-    source = pa.memory_map(str(path), "r")
-    reader = pa.ipc.open_stream(source)
-    for batch in reader:
+    yield from stream_columns(pa.memory_map(str(path), "r"))
+
+
+def stream_columns(source: pa.NativeFile) -> Iterator[dict[str, np.ndarray]]:
+    """Each record batch of the Arrow stream `source` as numpy views (zero-copy on a memory map)."""
+    for batch in pa.ipc.open_stream(source):
         yield {name: _column_view(batch.column(i)) for i, name in enumerate(batch.schema.names)}
 
 

@@ -12,6 +12,11 @@ items sorted by key, computed in two passes over the disk:
 
 Concatenating the sorted buckets is the global sort, so the result is a uniform random permutation.
 
+Rows of at least DIRECT_MIN_ROW_BYTES (the usual case: a row is context x d_model values) are shuffled
+in one pass instead (`_gather_direct`): the whole order is computed from the keys (8 bytes a row) and
+each output chunk's rows are read with `os.preadv` straight from the shards into a reused buffer, in
+file order, so every byte is read and written once (no scratch) and the bytes equal the two passes'.
+
 Speed: each pass copies every item once in memory (`np.take` from the shard's memory map, or from
 the bucket as read, into a buffer reused all along) while one background thread writes (and fsyncs)
 the previous buffer, so that file I/O overlaps the reordering. Memory: the scatter holds two chunks
@@ -28,14 +33,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from datasets import Features
 
-from sae_cache.arrow_format import TOKEN_IDS, ArrowFileWriter, data_file_name, feature_row_layout, read_arrow_columns
+from sae_cache.arrow_format import TOKEN_IDS, ArrowFileWriter, data_file_name, feature_row_layout, read_arrow_columns, stream_columns
 from sae_cache.consolidate import reset_dir
 
 KEY_BLOCK = 1 << 16  # keys are generated in blocks of this many items, each block from (seed, block index)
 KEY_LIMIT = 1 << 63
 SCATTER_CHUNK_BYTES = 64 << 20  # items read from a shard at once during the scatter
+DIRECT_MIN_ROW_BYTES = 16 << 10  # rows mode reads rows at least this large straight from the shards (one pass)...
+DIRECT_MAX_ROWS = 8 << 20  # ...when the order of all rows (16 bytes a row while it is computed) stays small
 
 
 def item_keys(seed: int, start: int, stop: int) -> np.ndarray:
@@ -67,6 +75,12 @@ def shuffle_shards(
     n_buckets = max(1, math.ceil(n_items * item_bytes / max(bucket_bytes, 1)))
     width = min(-(-KEY_LIMIT // n_buckets), KEY_LIMIT - 1)  # keys are < KEY_LIMIT - 1
     layouts = _item_layouts(features, across_sequences)
+    if not across_sequences and _direct(layouts, bytes_per_row, n_rows):
+        sink = _RowSink(out_dir, features, n_rows=n_rows, rows_per_file=rows_per_file)
+        with _Background() as background:
+            _gather_direct(shard_files, sink, layouts, background, seed=seed, n_rows=n_rows, chunk_rows=max(1, bucket_bytes // bytes_per_row))
+            background.submit(sink.close)
+        return _check_files(sink)
     reset_dir(scratch)
     with _Background() as background:
         counts = _scatter(shard_files, scratch, layouts, background, seed=seed, across=across_sequences, width=width, n_buckets=n_buckets)
@@ -74,6 +88,10 @@ def shuffle_shards(
     with _Background() as background:
         _gather(scratch, sink, layouts, background, counts=counts, length=length if across_sequences else 1)
         background.submit(sink.close)
+    return _check_files(sink)
+
+
+def _check_files(sink: _RowSink) -> list[str]:
     if sink.file_index != sink.n_files:
         raise RuntimeError(f"the shuffle wrote {sink.file_index} data files, expected {sink.n_files}: the shards are inconsistent.")
     return sink.names
@@ -85,6 +103,13 @@ def _bytes_per_row(features: Features) -> int:
         shape, dtype = feature_row_layout(feature)
         total += int(np.prod(shape)) * dtype.itemsize
     return total
+
+
+def _direct(layouts, bytes_per_row: int, n_rows: int) -> bool:
+    """Whether rows mode takes the one-pass path: large rows, a small order, every column stored in place
+    (bool labels are bit-packed in Arrow, so a row's bools cannot be read alone)."""
+    in_place = all(dtype != np.bool_ for _, _, dtype in layouts.values())
+    return in_place and bytes_per_row >= DIRECT_MIN_ROW_BYTES and n_rows <= DIRECT_MAX_ROWS
 
 
 def _item_layouts(features: Features, across: bool) -> dict[str, tuple[tuple[int, ...], int, np.dtype]]:
@@ -197,16 +222,13 @@ def _append(path: Path, values: np.ndarray) -> None:
         f.write(np.ascontiguousarray(values).data)
 
 
-def _read_exactly(path: Path, out: np.ndarray) -> None:
-    """Fill the C-contiguous array `out` with the bytes of the file at `path` (exactly out.nbytes of them)."""
-    view = memoryview(out).cast("B")
-    with open(path, "rb", buffering=0) as f:
-        done = 0
-        while done < len(view):
-            n = f.readinto(view[done:])
-            if not n:
-                raise EOFError(f"{path} holds {done} bytes, expected {len(view)}")
-            done += n
+def _map_bucket_file(path: Path, n_items: int, per_item: int, dtype: np.dtype) -> np.ndarray:
+    """A read-only (n_items, per_item) view of a bucket file's memory map (exactly that many bytes, else EOFError)."""
+    expected = n_items * per_item * np.dtype(dtype).itemsize
+    size = os.path.getsize(path)
+    if size != expected:
+        raise EOFError(f"{path} holds {size} bytes, expected {expected}")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n_items, per_item)) if n_items else np.empty((0, per_item), dtype)
 
 
 class _RowSink:
@@ -252,19 +274,88 @@ def _gather(scratch: Path, sink: _RowSink, layouts, background: _Background, *, 
     Items are packed `length` to a row (1 in rows mode); the positions left over after a bucket's
     whole rows are carried to the front of the next buffer.
     """
-    source = _item_buffers(layouts, int(counts.max()))
     buffers = [_item_buffers(layouts, int(counts.max()) + length - 1) for _ in range(2)]
     carry = 0
     for k, bucket in enumerate(np.flatnonzero(counts)):
         n, out = int(counts[bucket]), buffers[k % 2]
-        keys = np.empty(n, np.int64)
-        _read_exactly(scratch / f"{bucket:06d}.keys", keys)
-        for i, name in enumerate(layouts):
-            _read_exactly(scratch / f"{bucket:06d}.{i}", source[name][:n])
-        _take({name: source[name][:n] for name in layouts}, np.argsort(keys, kind="stable"), out, start=carry)
+        keys = np.array(_map_bucket_file(scratch / f"{bucket:06d}.keys", n, 1, np.int64)).reshape(-1)
+        source = {name: _map_bucket_file(scratch / f"{bucket:06d}.{i}", n, per_item, dtype) for i, (name, (_, per_item, dtype)) in enumerate(layouts.items())}
+        _take(source, np.argsort(keys, kind="stable"), out, start=carry)
+        del source  # unmapped: the bucket's pages leave this process's memory
         whole = (carry + n) // length * length
         rows = {name: out[name][:whole].reshape(-1, *shape) for name, (shape, _, _) in layouts.items()}
         background.submit(_replace_bucket, list(scratch.glob(f"{bucket:06d}.*")), sink, rows)
         carry = carry + n - whole
         for name in layouts:  # the other buffer is free now: its write has finished
             buffers[(k + 1) % 2][name][:carry] = out[name][whole : whole + carry]
+
+
+class _RowExtents:
+    """Where each stream row's value of each column lies in the shards: file, byte offset, byte size."""
+
+    def __init__(self, shard_files: list[Path], layouts) -> None:
+        self.files, self.batch_file, self.offsets, first = list(shard_files), [], [], [0]
+        self.row_bytes = {name: per_item * dtype.itemsize for name, (_, per_item, dtype) in layouts.items()}
+        for f, path in enumerate(self.files):
+            for columns, base in _batch_columns_with_base(path):
+                self.batch_file.append(f)
+                self.offsets.append({name: _offset_in_file(columns[name], base, path) for name in layouts})
+                first.append(first[-1] + len(columns[TOKEN_IDS]))
+        self.first = np.array(first, np.int64)
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The record batch holding each stream row, and the row's index inside it."""
+        batch = np.searchsorted(self.first, rows, side="right") - 1
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.first[-1]):
+            raise RuntimeError(f"the shards hold {self.first[-1]} rows, fewer than the shuffle needs: the shards are inconsistent.")
+        return batch, rows - self.first[batch]
+
+
+def _batch_columns_with_base(path: Path) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Each record batch's numpy views, with the address at which the file's memory map starts."""
+    source = pa.memory_map(str(path), "r")
+    base = source.read_buffer(1).address if source.size() else 0
+    source.seek(0)
+    for columns in stream_columns(source):
+        yield columns, base
+
+
+def _offset_in_file(values: np.ndarray, base: int, path: Path) -> int:
+    offset = values.ctypes.data - base
+    if not values.flags.c_contiguous or offset < 0 or offset + values.nbytes > path.stat().st_size:
+        raise RuntimeError(f"a column of {path} is not stored as one contiguous buffer in the file: it cannot be read in place.")
+    return offset
+
+
+def _gather_direct(shard_files, sink: _RowSink, layouts, background: _Background, *, seed: int, n_rows: int, chunk_rows: int) -> None:
+    """Rows mode in one pass: output rows start..start+chunk_rows-1 are read from the shards (in file
+    order, with os.preadv) into one of two alternating buffers and handed to the sink."""
+    extents = _RowExtents(shard_files, layouts)
+    order = np.argsort(item_keys(seed, 0, n_rows), kind="stable")
+    buffers = [_item_buffers(layouts, min(chunk_rows, n_rows)) for _ in range(2)]
+    for k, start in enumerate(range(0, n_rows, chunk_rows)):
+        rows = order[start : start + chunk_rows]
+        out = buffers[k % 2]  # free: the write of chunk k - 2 finished before chunk k - 1 was submitted
+        _read_rows(extents, rows, {name: values[: len(rows)] for name, values in out.items()})
+        background.submit(sink.write, {name: out[name][: len(rows)].reshape(-1, *shape) for name, (shape, _, _) in layouts.items()})
+
+
+def _read_rows(extents: _RowExtents, rows: np.ndarray, out: dict[str, np.ndarray]) -> None:
+    """out[name][i] = the value of stream row rows[i], read from the shards in file order."""
+    batch, local = extents.locate(rows)
+    by_place = np.lexsort((local, batch))
+    fds: dict[int, int] = {}
+    try:
+        for i in by_place.tolist():
+            b, r = int(batch[i]), int(local[i])
+            f = extents.batch_file[b]
+            fd = fds.get(f)
+            if fd is None:
+                fd = fds[f] = os.open(extents.files[f], os.O_RDONLY)
+            for name, values in out.items():
+                size = extents.row_bytes[name]
+                if os.preadv(fd, [values[i]], extents.offsets[b][name] + r * size) != size:
+                    raise EOFError(f"{extents.files[f]} ended inside row {r} of its record batch {b}: the shards are inconsistent.")
+    finally:
+        for fd in fds.values():
+            os.close(fd)

@@ -56,7 +56,9 @@ MODES = {
     "rows": {},
     "shuffle": {"shuffle": True},
     "across": {"shuffle": True, "shuffle_across_sequences": True},
+    "shuffle-one-pass": {"shuffle": True},  # with MODE_PATCHES: rows read in place, no scratch
 }
+MODE_PATCHES = {"shuffle-one-pass": ("one-pass-shuffle",)}  # fault_worker.PATCHES every job of the mode runs with
 OLD = {"training_tokens": 16 * 20, "seed": 7}  # the cache an overwrite run replaces (20 unshuffled rows)
 OLD_ROWS = 20
 
@@ -79,6 +81,10 @@ class Scenario:
     xfail_rerun: str | None = None  # a known package failure of the next run
 
     @property
+    def all_patches(self) -> list[str]:
+        return [*MODE_PATCHES.get(self.mode, ()), *self.patches]
+
+    @property
     def next_run(self) -> str:
         return self.rerun or ("same" if self.overwrite else "resume")
 
@@ -98,6 +104,7 @@ SCENARIOS = [
     Scenario("scatter-across", "across", "scatter", 40, shards=N_SHARDS),
     Scenario("gather-shuffle", "shuffle", "gather", 7, shards=N_SHARDS),
     Scenario("gather-across", "across", "gather", 7, shards=N_SHARDS),
+    Scenario("gather-shuffle-one-pass", "shuffle-one-pass", "gather", 9, shards=N_SHARDS),
     Scenario("stage-link-rows", "rows", "stage-link", 2, shards=N_SHARDS),
     Scenario(
         "stage-move-rows", "rows", "stage-link", 2, shards=N_SHARDS, patches=("no-hardlinks",),
@@ -111,6 +118,7 @@ SCENARIOS = [
     # overwrite runs over an old cache: the next run is the same overwrite command unless said otherwise
     Scenario("ow-forward-shuffle", "shuffle", "forward", 4, overwrite=True, after_kill="old"),
     Scenario("ow-gather-across", "across", "gather", 7, overwrite=True, after_kill="old", shards=N_SHARDS),
+    Scenario("ow-gather-shuffle-one-pass", "shuffle-one-pass", "gather", 4, overwrite=True, after_kill="old", shards=N_SHARDS),
     Scenario("ow-staging-metadata-rows", "rows", "staging-metadata", overwrite=True, after_kill="old", shards=N_SHARDS),
     Scenario("ow-swap-backup-rows", "rows", "swap", "backup", overwrite=True, after_kill="old", shards=N_SHARDS),
     Scenario("ow-swap-backup-across", "across", "swap", "backup", overwrite=True, after_kill="old", shards=N_SHARDS),
@@ -298,7 +306,7 @@ def campaign(tmp_path_factory) -> Campaign:
     base = tmp_path_factory.mktemp("fault_injection")
     logs = base / "logs"
     ref_paths = {name: base / "refs" / name / "cache" for name in (*MODES, "old")}
-    ref_jobs = [job(f"ref-{m}", config(m, ref_paths[m]), logs) for m in MODES]
+    ref_jobs = [job(f"ref-{m}", config(m, ref_paths[m]), logs, patches=list(MODE_PATCHES.get(m, ()))) for m in MODES]
     ref_jobs.append(job("ref-old", config("rows", ref_paths["old"], **OLD), logs))
 
     roots, sentinels, kill_jobs, again_jobs, inline = {}, {}, [], [], None
@@ -309,13 +317,13 @@ def campaign(tmp_path_factory) -> Campaign:
         out = root / "cache"
         kill = job(
             f"kill-{s.id}", config(s.mode, out, overwrite=s.overwrite), logs,
-            fault={"kind": s.fault, "n": s.n}, patches=list(s.patches),
+            fault={"kind": s.fault, "n": s.n}, patches=s.all_patches,
         )
         if s.overwrite:
             kill["copy"] = [[str(ref_paths["old"]), str(out)]]
         if s.again:
             kind, n = s.again
-            again_jobs.append(job(f"again-{s.id}", rerun_config(s, out), logs, fault={"kind": kind, "n": n}, patches=list(s.patches)))
+            again_jobs.append(job(f"again-{s.id}", rerun_config(s, out), logs, fault={"kind": kind, "n": n}, patches=s.all_patches))
         if s.inline:
             assert not s.overwrite and not s.again
             kill["digest_file"] = str(logs / "inline.digest")
@@ -359,7 +367,7 @@ def campaign(tmp_path_factory) -> Campaign:
             "kills": [kill_record(name, ended.get(name, {}), logs) for name in names],
             "obs": observe(s, roots[s.id], refs, sentinels[s.id]),
         }
-        rerun_jobs.append(job(f"rerun-{s.id}", rerun_config(s, roots[s.id] / "cache"), logs, patches=list(s.patches)))
+        rerun_jobs.append(job(f"rerun-{s.id}", rerun_config(s, roots[s.id] / "cache"), logs, patches=s.all_patches))
 
     second = run_worker(
         {"report": str(logs / "reruns.report.json"), "parallel": 2, "timeout_s": 120, "waves": [rerun_jobs]},

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sae_cache import CacheActivationsRunner
-from sae_cache.arrow_format import cache_features, read_arrow_columns, write_arrow_file
+from sae_cache.arrow_format import ArrowFileWriter, cache_features, read_arrow_columns
 from sae_cache.shuffle import _bytes_per_row, item_keys, shuffle_shards
 
 HOOK = "blocks.1.hook_resid_post"
@@ -127,8 +127,14 @@ def test_gather_holds_about_one_bucket(model, text_dataset, make_cfg, monkeypatc
     from sae_cache import shuffle as shuffle_module
 
     largest = []
-    real_read = shuffle_module._read_exactly
-    monkeypatch.setattr(shuffle_module, "_read_exactly", lambda path, out: largest.append(out.nbytes) or real_read(path, out))
+    real_map = shuffle_module._map_bucket_file
+
+    def recording(*args):
+        view = real_map(*args)
+        largest.append(view.nbytes)
+        return view
+
+    monkeypatch.setattr(shuffle_module, "_map_bucket_file", recording)
     cfg = make_cfg(shuffle=True, training_tokens=16 * 200, buffer_size_gb=make_cfg().buffer_size_gb * 2)
     CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model).run()
     buffer_bytes = cfg.buffer_size_gb * 1e9
@@ -136,24 +142,39 @@ def test_gather_holds_about_one_bucket(model, text_dataset, make_cfg, monkeypatc
     assert sum(largest) > 200 * 16 * 32 * 4  # yet every activation went through the buckets
 
 
-def synthetic_shards(directory: Path, rows_per_shard: list[int], length: int = 4, d: int = 3):
-    """Shards of one float32 hook whose values and token ids are the stream position (row * length + position)."""
-    features = cache_features({HOOK: d}, length, "float32")
+def synthetic_shards(directory: Path, rows_per_shard: list[int], length: int = 4, d: int = 3, batch_rows: int = 5, labels: dict | None = None):
+    """Shards of one float32 hook whose values and token ids are the stream position (row * length + position),
+    written in record batches of batch_rows rows (as the runner writes a buffer in pieces); label columns
+    (name -> dtype) hold the row index."""
+    features = cache_features({HOOK: d}, length, "float32", labels)
     files, row = [], 0
     for i, rows in enumerate(rows_per_shard):
         index = np.arange(row * length, (row + rows) * length).reshape(rows, length)
         columns = {HOOK: np.repeat(index[..., None], d, axis=2).astype(np.float32), "token_ids": index.astype(np.int32)}
-        write_arrow_file(directory / f"shard{i}.arrow", features, columns)
+        columns |= {name: (index[:, 0] // length).astype(dtype) for name, dtype in (labels or {}).items()}
+        writer = ArrowFileWriter(directory / f"shard{i}.arrow", features)
+        for start in range(0, rows, batch_rows):
+            writer.write({k: v[start : start + batch_rows] for k, v in columns.items()})
+        writer.close()
         files.append(directory / f"shard{i}.arrow")
         row += rows
     return features, files, row
 
 
-@pytest.mark.parametrize("across", [False, True])
+def force_rows_path(monkeypatch, one_pass: bool) -> None:
+    """Rows mode through the one pass that reads rows in place (for any row size) or the bucketed two passes."""
+    from sae_cache import shuffle as shuffle_module
+
+    monkeypatch.setattr(shuffle_module, "DIRECT_MIN_ROW_BYTES", 0 if one_pass else 1 << 40)
+
+
+@pytest.mark.parametrize("mode", ["rows, two passes", "rows, one pass", "across sequences"])
 @pytest.mark.parametrize("bucket_rows", [0.3, 2.5, 1000])
-def test_order_is_the_stable_sort_of_the_item_keys(tmp_path, across, bucket_rows):
+def test_order_is_the_stable_sort_of_the_item_keys(tmp_path, mode, bucket_rows, monkeypatch):
     """Buckets of unequal sizes (smaller than a row, a few rows, all), reused buffers, positions carried
     between buckets: the output is exactly the items sorted (stably) by their keys, cut into files."""
+    across = mode == "across sequences"
+    force_rows_path(monkeypatch, one_pass=mode == "rows, one pass")
     features, files, n_rows = synthetic_shards(tmp_path, [7, 1, 12], length=4)
     out = tmp_path / "out"
     out.mkdir()
@@ -193,3 +214,63 @@ def test_an_error_while_writing_propagates_and_stops_the_writer_thread(tmp_path,
         )
     assert len(calls) == 2  # nothing was written after the failure
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("labels", [None, {"doc": "int64", "score": "float64"}])
+def test_one_pass_writes_the_same_rows_as_two_passes(tmp_path, monkeypatch, labels):
+    """Rows mode read in place (shards of several record batches, label columns, files cut mid-chunk)
+    gives the same data files, column for column, as the bucketed two passes (only the record-batch
+    boundaries inside a file differ: chunks there, buckets here)."""
+    features, files, n_rows = synthetic_shards(tmp_path, [9, 3, 14], length=4, batch_rows=4, labels=labels)
+    written = {}
+    for one_pass in (True, False):
+        force_rows_path(monkeypatch, one_pass)
+        out = tmp_path / f"out{one_pass}"
+        out.mkdir()
+        shuffle_shards(files, features=features, seed=11, across_sequences=False, rows_per_file=7, n_rows=n_rows,
+                       scratch=tmp_path / "scratch", out_dir=out, bucket_bytes=3 * _bytes_per_row(features))
+        assert not (tmp_path / "scratch").exists() or not one_pass  # the one pass needs no scratch
+        written[one_pass] = {f.name: {k: np.concatenate([c[k] for c in read_arrow_columns(f)]) for k in features} for f in sorted(out.iterdir())}
+        rows = np.concatenate([c["token_ids"][:, 0] // 4 for name in sorted(out.iterdir()) for c in read_arrow_columns(name)])
+        assert np.array_equal(rows, np.argsort(item_keys(11, 0, n_rows), kind="stable"))
+        for name in labels or {}:
+            values = np.concatenate([c[name] for f in sorted(out.iterdir()) for c in read_arrow_columns(f)])
+            assert np.array_equal(values, rows)
+    assert written[True].keys() == written[False].keys() and len(written[True]) == 4
+    for name, columns in written[True].items():
+        assert all(np.array_equal(columns[k], written[False][name][k]) for k in features)
+
+
+def test_one_pass_holds_two_chunks_of_rows(tmp_path, monkeypatch):
+    """Memory of the one pass: two reused buffers of bucket_bytes each (plus the order), whatever the cache size."""
+    from sae_cache import shuffle as shuffle_module
+
+    force_rows_path(monkeypatch, one_pass=True)
+    sizes = []
+    real = shuffle_module._item_buffers
+    monkeypatch.setattr(shuffle_module, "_item_buffers", lambda layouts, n: sizes.append(n) or real(layouts, n))
+    features, files, n_rows = synthetic_shards(tmp_path, [40, 40, 40])
+    shuffle_shards(files, features=features, seed=2, across_sequences=False, rows_per_file=40, n_rows=n_rows,
+                   scratch=tmp_path / "scratch", out_dir=tmp_path, bucket_bytes=10 * _bytes_per_row(features))
+    assert sizes == [10, 10]
+
+
+def test_bool_labels_take_the_two_passes(tmp_path, monkeypatch):
+    """Arrow packs bools as bits, so a row's bool label cannot be read in place: rows mode falls back to
+    the two passes, with the same order."""
+    from sae_cache import shuffle as shuffle_module
+
+    force_rows_path(monkeypatch, one_pass=True)
+    gathered = []
+    real = shuffle_module._gather
+    monkeypatch.setattr(shuffle_module, "_gather", lambda *a, **k: gathered.append(1) or real(*a, **k))
+    features, files, n_rows = synthetic_shards(tmp_path, [6, 6], labels={"flag": "bool"})
+    out = tmp_path / "out"
+    out.mkdir()
+    shuffle_shards(files, features=features, seed=3, across_sequences=False, rows_per_file=6, n_rows=n_rows,
+                   scratch=tmp_path / "scratch", out_dir=out, bucket_bytes=4 * _bytes_per_row(features))
+    assert gathered == [1]
+    rows = np.concatenate([c["token_ids"][:, 0] // 4 for f in sorted(out.iterdir()) for c in read_arrow_columns(f)])
+    flags = np.concatenate([c["flag"] for f in sorted(out.iterdir()) for c in read_arrow_columns(f)])
+    assert np.array_equal(rows, np.argsort(item_keys(3, 0, n_rows), kind="stable"))
+    assert flags.dtype == bool and np.array_equal(flags, rows.astype(bool))
