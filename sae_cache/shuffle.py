@@ -15,12 +15,13 @@ Concatenating the sorted buckets is the global sort, so the result is a uniform 
 Rows of at least DIRECT_MIN_ROW_BYTES (the usual case: a row is context x d_model values) are shuffled
 in one pass instead (`_gather_direct`): the whole order is computed from the keys (8 bytes a row) and
 each output chunk's rows are read with `os.preadv` straight from the shards into a reused buffer, in
-file order, so every byte is read and written once (no scratch) and the bytes equal the two passes'.
+file order, so every byte is read and written once (no scratch); the rows and their order are the
+two passes' (only the record-batch boundaries inside the files differ).
 
 Speed: each pass copies every item once in memory (`np.take` from the shard's memory map, or from
-the bucket as read, into a buffer reused all along) while one background thread writes (and fsyncs)
+the bucket file's, into a buffer reused all along) while one background thread writes (and fsyncs)
 the previous buffer, so that file I/O overlaps the reordering. Memory: the scatter holds two chunks
-of SCATTER_CHUNK_BYTES and the memory map of one; the gather one bucket as read and two sorted
+of SCATTER_CHUNK_BYTES and the memory map of one; the gather the memory map of one bucket and two sorted
 buckets (with bucket_bytes a quarter of a buffer, about three quarters of a buffer).
 """
 
