@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
+from transformer_lens.utilities import get_tokens_with_bos_removed
 
 from sae_cache.config import UNSET, CacheActivationsRunnerConfig
 from sae_cache.tokenization import pack_sequences, resolve_special_token, truncate_pretokenized
@@ -218,4 +219,17 @@ def _tokenize(values: Iterator[Any], model, *, chat: bool) -> Iterator[torch.Ten
             ids = model.tokenizer.apply_chat_template(conversation, tokenize=True, return_tensors="pt", return_dict=False)
             yield ids[0]
         else:
-            yield model.to_tokens(value, prepend_bos=False, truncate=False, move_to_device=False).squeeze(0)
+            yield _text_tokens(model, value)
+
+
+def _text_tokens(model, text: str) -> torch.Tensor:
+    """`model.to_tokens(text, prepend_bos=False, truncate=False)` without touching the model's state.
+
+    to_tokens sets model.cfg.default_prepend_bos for the duration of the call, and every forward pass
+    saves and restores it: with forward passes on other threads (forward_threads) the two interleave
+    and can leave the user's model with prepend_bos switched off. So the tokenizer is called directly.
+    """
+    ids = model.tokenizer(text, return_tensors="pt", padding=True, truncation=False)["input_ids"]
+    if model.cfg.tokenizer_prepends_bos:
+        ids = get_tokens_with_bos_removed(model.tokenizer, ids)
+    return ids.squeeze(0)

@@ -126,3 +126,31 @@ def test_automatic_and_refused_thread_counts(make_cfg):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="forward_threads"):
             CacheActivationsRunnerConfig(forward_threads=bad)
+
+
+def test_a_run_never_changes_the_model_defaults(model, text_dataset, make_cfg, monkeypatch):
+    """Raw text is tokenized on the calling thread while forward passes run on others; every forward
+    pass saves and restores model.cfg.default_prepend_bos, so tokenizing must never set it (else the
+    two interleave and the user's model can be left with prepend_bos off)."""
+    cfg_class = type(model.cfg)
+    values = []
+
+    class Recording(cfg_class):
+        def __setattr__(self, name, value):
+            if name == "default_prepend_bos":
+                values.append(value)
+            super().__setattr__(name, value)
+
+    before = model.cfg.default_prepend_bos
+    monkeypatch.setattr(model.cfg, "__class__", Recording)
+    run(make_cfg(forward_threads=2), text_dataset, model)
+    assert values, "the forward passes save and restore the default: the recording works"
+    assert set(values) == {before} and model.cfg.default_prepend_bos == before
+
+
+def test_text_tokens_equal_to_tokens_without_bos(model, text_dataset):
+    from sae_cache.data import _text_tokens
+
+    for text in [row["text"] for row in text_dataset.select(range(20))] + ["", " a  b ", "\n"]:
+        expected = model.to_tokens(text, prepend_bos=False, truncate=False, move_to_device=False).squeeze(0)
+        assert torch.equal(_text_tokens(model, text), expected)
