@@ -71,10 +71,6 @@ def shuffle_shards(
     """Write the shuffled cache's data files into out_dir; returns their names in order."""
     length = features[TOKEN_IDS].length
     bytes_per_row = _bytes_per_row(features)
-    n_items = n_rows * length if across_sequences else n_rows
-    item_bytes = bytes_per_row // length if across_sequences else bytes_per_row
-    n_buckets = max(1, math.ceil(n_items * item_bytes / max(bucket_bytes, 1)))
-    width = min(-(-KEY_LIMIT // n_buckets), KEY_LIMIT - 1)  # keys are < KEY_LIMIT - 1
     layouts = _item_layouts(features, across_sequences)
     if not across_sequences and _direct(layouts, bytes_per_row, n_rows):
         sink = _RowSink(out_dir, features, n_rows=n_rows, rows_per_file=rows_per_file)
@@ -82,6 +78,10 @@ def shuffle_shards(
             _gather_direct(shard_files, sink, layouts, background, seed=seed, n_rows=n_rows, chunk_rows=max(1, bucket_bytes // bytes_per_row))
             background.submit(sink.close)
         return _check_files(sink)
+    n_items = n_rows * length if across_sequences else n_rows
+    item_bytes = bytes_per_row // length if across_sequences else bytes_per_row
+    n_buckets = max(1, math.ceil(n_items * item_bytes / max(bucket_bytes, 1)))
+    width = min(-(-KEY_LIMIT // n_buckets), KEY_LIMIT - 1)  # keys are < KEY_LIMIT - 1
     reset_dir(scratch)
     with _Background() as background:
         counts = _scatter(shard_files, scratch, layouts, background, seed=seed, across=across_sequences, width=width, n_buckets=n_buckets)
