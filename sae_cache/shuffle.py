@@ -12,8 +12,8 @@ items sorted by key, computed in two passes over the disk:
 
 Concatenating the sorted buckets is the global sort, so the result is a uniform random permutation.
 
-Rows of at least DIRECT_MIN_ROW_BYTES (the usual case: a row is context x d_model values) are shuffled
-in one pass instead (`_gather_direct`): the whole order is computed from the keys (8 bytes a row) and
+Rows of at least ONE_PASS_MIN_ROW_BYTES (the usual case: a row is context x d_model values) are shuffled
+in one pass instead (`_gather_one_pass`): the whole order is computed from the keys (8 bytes a row) and
 each output chunk's rows are read with `os.preadv` straight from the shards into a reused buffer, in
 file order, so every byte is read and written once (no scratch); the rows and their order are the
 two passes' (only the record-batch boundaries inside the files differ).
@@ -43,8 +43,8 @@ from sae_cache.consolidate import reset_dir
 KEY_BLOCK = 1 << 16  # keys are generated in blocks of this many items, each block from (seed, block index)
 KEY_LIMIT = 1 << 63
 SCATTER_CHUNK_BYTES = 64 << 20  # items read from a shard at once during the scatter
-DIRECT_MIN_ROW_BYTES = 16 << 10  # rows mode reads rows at least this large straight from the shards (one pass)...
-DIRECT_MAX_ROWS = 8 << 20  # ...when the order of all rows (16 bytes a row while it is computed) stays small
+ONE_PASS_MIN_ROW_BYTES = 16 << 10  # rows mode reads rows at least this large straight from the shards (one pass)...
+ONE_PASS_MAX_ROWS = 8 << 20  # ...when the order of all rows (16 bytes a row while it is computed) stays small
 
 
 def item_keys(seed: int, start: int, stop: int) -> np.ndarray:
@@ -72,10 +72,10 @@ def shuffle_shards(
     length = features[TOKEN_IDS].length
     bytes_per_row = _bytes_per_row(features)
     layouts = _item_layouts(features, across_sequences)
-    if not across_sequences and _direct(layouts, bytes_per_row, n_rows):
+    if not across_sequences and _one_pass(layouts, bytes_per_row, n_rows):
         sink = _RowSink(out_dir, features, n_rows=n_rows, rows_per_file=rows_per_file)
         with _Background() as background:
-            _gather_direct(shard_files, sink, layouts, background, seed=seed, n_rows=n_rows, chunk_rows=max(1, bucket_bytes // bytes_per_row))
+            _gather_one_pass(shard_files, sink, layouts, background, seed=seed, n_rows=n_rows, chunk_rows=max(1, bucket_bytes // bytes_per_row))
             background.submit(sink.close)
         return _check_files(sink)
     n_items = n_rows * length if across_sequences else n_rows
@@ -106,11 +106,11 @@ def _bytes_per_row(features: Features) -> int:
     return total
 
 
-def _direct(layouts, bytes_per_row: int, n_rows: int) -> bool:
+def _one_pass(layouts, bytes_per_row: int, n_rows: int) -> bool:
     """Whether rows mode takes the one-pass path: large rows, a small order, every column stored in place
     (bool labels are bit-packed in Arrow, so a row's bools cannot be read alone)."""
     in_place = all(dtype != np.bool_ for _, _, dtype in layouts.values())
-    return in_place and bytes_per_row >= DIRECT_MIN_ROW_BYTES and n_rows <= DIRECT_MAX_ROWS
+    return in_place and bytes_per_row >= ONE_PASS_MIN_ROW_BYTES and n_rows <= ONE_PASS_MAX_ROWS
 
 
 def _item_layouts(features: Features, across: bool) -> dict[str, tuple[tuple[int, ...], int, np.dtype]]:
@@ -328,7 +328,7 @@ def _offset_in_file(values: np.ndarray, base: int, path: Path) -> int:
     return offset
 
 
-def _gather_direct(shard_files, sink: _RowSink, layouts, background: _Background, *, seed: int, n_rows: int, chunk_rows: int) -> None:
+def _gather_one_pass(shard_files, sink: _RowSink, layouts, background: _Background, *, seed: int, n_rows: int, chunk_rows: int) -> None:
     """Rows mode in one pass: output rows start..start+chunk_rows-1 are read from the shards (in file
     order, with os.preadv) into one of two alternating buffers and handed to the sink."""
     extents = _RowExtents(shard_files, layouts)

@@ -264,7 +264,7 @@ def _no_hardlinks() -> None:
 
 def _one_pass_shuffle() -> None:
     """Rows mode shuffles in one pass (rows read in place) although these rows are small."""
-    shuffle.DIRECT_MIN_ROW_BYTES = 0
+    shuffle.ONE_PASS_MIN_ROW_BYTES = 0
 
 
 PATCHES = {"no-hardlinks": _no_hardlinks, "one-pass-shuffle": _one_pass_shuffle}

@@ -165,7 +165,7 @@ def force_rows_path(monkeypatch, one_pass: bool) -> None:
     """Rows mode through the one pass that reads rows in place (for any row size) or the bucketed two passes."""
     from sae_cache import shuffle as shuffle_module
 
-    monkeypatch.setattr(shuffle_module, "DIRECT_MIN_ROW_BYTES", 0 if one_pass else 1 << 40)
+    monkeypatch.setattr(shuffle_module, "ONE_PASS_MIN_ROW_BYTES", 0 if one_pass else 1 << 40)
 
 
 @pytest.mark.parametrize("mode", ["rows, two passes", "rows, one pass", "across sequences"])
