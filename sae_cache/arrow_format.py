@@ -21,6 +21,8 @@ import pyarrow as pa
 from datasets import Array2D, Features, Sequence, Value
 from datasets.features.features import Array2DExtensionType, List, get_nested_type
 
+from sae_cache.direct_io import DirectFile
+
 TOKEN_IDS = "token_ids"
 METADATA_FILE = "sae_cache.json"
 STATE_FILE = "state.json"
@@ -79,12 +81,16 @@ def record_batch(features: Features, columns: dict[str, np.ndarray]) -> pa.Recor
 
 
 class ArrowFileWriter:
-    """Writes record batches to one Arrow IPC stream file; `close()` flushes and fsyncs it."""
+    """Writes record batches to one Arrow IPC stream file; `close()` flushes and fsyncs it.
 
-    def __init__(self, path: Path, features: Features) -> None:
+    direct_io=True writes around the page cache where the filesystem allows (sae_cache/direct_io.py):
+    for final data files, not for files read back soon. The bytes are the same either way.
+    """
+
+    def __init__(self, path: Path, features: Features, *, direct_io: bool = False) -> None:
         self.path = Path(path)
         self.features = features
-        self._sink = pa.OSFile(str(self.path), "wb")
+        self._sink = DirectFile(self.path) if direct_io else pa.OSFile(str(self.path), "wb")
         self._writer = pa.ipc.new_stream(self._sink, features.arrow_schema)
         self.rows = 0
 
@@ -96,7 +102,8 @@ class ArrowFileWriter:
     def close(self) -> None:
         self._writer.close()
         self._sink.close()
-        fsync_path(self.path)
+        if not isinstance(self._sink, DirectFile):  # DirectFile fsyncs its own descriptor
+            fsync_path(self.path)
 
 
 def write_arrow_file(path: Path, features: Features, columns: dict[str, np.ndarray]) -> int:

@@ -155,6 +155,10 @@ class CacheActivationsRunnerConfig:
     fp16_overflow: str = "error"
     """What to do when float16 storage turns values into inf: error (stop with a message) or warn (store inf, count it in the metadata)."""
 
+    direct_io: bool = True
+    """Write the final data files around the page cache (O_DIRECT) where the OS and filesystem allow it, else through it:
+    less CPU per byte, and a large cache does not evict what the machine had cached. The bytes are the same either way."""
+
     def __post_init__(self) -> None:
         self.hook_name = _normalise_hook_names(self.hook_name)
         self.seqpos_slice = tuple(self.seqpos_slice)

@@ -31,6 +31,7 @@ NON_OUTPUT_FIELDS = frozenset(
         "streaming",
         "dataset_trust_remote_code",
         "fp16_overflow",
+        "direct_io",
         "new_cached_activations_path",
     }
 )

@@ -235,7 +235,8 @@ class CacheActivationsRunner:
         plan = self._rank_plan(self.ranks.rank)
         features = self._features()
         self._shard_dir(self.ranks.rank).mkdir(parents=True, exist_ok=True)
-        writer = ShardWriter(self._shard_dir(self.ranks.rank), features)
+        # shards to be shuffled are read back at once: only final ones go around the page cache
+        writer = ShardWriter(self._shard_dir(self.ranks.rank), features, direct_io=self.cfg.direct_io and not self.cfg.shuffle)
         done = writer.complete_shards(plan.n_buffers)
         if done:
             logger.info("resuming after %d complete shard(s) of %d", done, plan.n_buffers)
@@ -321,6 +322,7 @@ class CacheActivationsRunner:
                 scratch=self.paths.scratch,
                 out_dir=staging,
                 bucket_bytes=plan.rows_per_buffer * plan.bytes_per_row // 4,
+                direct_io=cfg.direct_io,
             )
         else:
             names = stage_shards(shard_files, staging)

@@ -67,13 +67,14 @@ def shuffle_shards(
     scratch: Path,
     out_dir: Path,
     bucket_bytes: int,
+    direct_io: bool = False,
 ) -> list[str]:
-    """Write the shuffled cache's data files into out_dir; returns their names in order."""
+    """Write the shuffled cache's data files into out_dir (around the page cache with direct_io); returns their names in order."""
     length = features[TOKEN_IDS].length
     bytes_per_row = _bytes_per_row(features)
     layouts = _item_layouts(features, across_sequences)
     if not across_sequences and _one_pass(layouts, bytes_per_row, n_rows):
-        sink = _RowSink(out_dir, features, n_rows=n_rows, rows_per_file=rows_per_file)
+        sink = _RowSink(out_dir, features, n_rows=n_rows, rows_per_file=rows_per_file, direct_io=direct_io)
         with _Background() as background:
             _gather_one_pass(shard_files, sink, layouts, background, seed=seed, n_rows=n_rows, chunk_rows=max(1, bucket_bytes // bytes_per_row))
             background.submit(sink.close)
@@ -85,7 +86,7 @@ def shuffle_shards(
     reset_dir(scratch)
     with _Background() as background:
         counts = _scatter(shard_files, scratch, layouts, background, seed=seed, across=across_sequences, width=width, n_buckets=n_buckets)
-    sink = _RowSink(out_dir, features, n_rows=n_rows, rows_per_file=rows_per_file)
+    sink = _RowSink(out_dir, features, n_rows=n_rows, rows_per_file=rows_per_file, direct_io=direct_io)
     with _Background() as background:
         _gather(scratch, sink, layouts, background, counts=counts, length=length if across_sequences else 1)
         background.submit(sink.close)
@@ -235,8 +236,8 @@ def _map_bucket_file(path: Path, n_items: int, per_item: int, dtype: np.dtype) -
 class _RowSink:
     """Appends rows to output data files of rows_per_file rows each (the last one trimmed)."""
 
-    def __init__(self, out_dir: Path, features: Features, *, n_rows: int, rows_per_file: int) -> None:
-        self.out_dir, self.features = out_dir, features
+    def __init__(self, out_dir: Path, features: Features, *, n_rows: int, rows_per_file: int, direct_io: bool = False) -> None:
+        self.out_dir, self.features, self.direct_io = out_dir, features, direct_io
         self.n_files = math.ceil(n_rows / rows_per_file)
         self.rows_per_file = rows_per_file
         self.names = [data_file_name(i, self.n_files) for i in range(self.n_files)]
@@ -247,7 +248,7 @@ class _RowSink:
         start, total = 0, len(columns[TOKEN_IDS])
         while start < total:
             if self.writer is None:
-                self.writer = ArrowFileWriter(self.out_dir / self.names[self.file_index], self.features)
+                self.writer = ArrowFileWriter(self.out_dir / self.names[self.file_index], self.features, direct_io=self.direct_io)
             take = min(total - start, self.rows_per_file - self.writer.rows)
             self.writer.write({k: v[start : start + take] for k, v in columns.items()})
             start += take
@@ -262,8 +263,9 @@ class _RowSink:
 
 
 def _replace_bucket(bucket_files: list[Path], sink: _RowSink, rows: dict[str, np.ndarray]) -> None:
-    """Delete a bucket's files, then write its sorted rows. Both on the writing thread: the output then
-    reuses the page cache just freed (on a VM, memory left free for long can be slow to touch again)."""
+    """Delete a bucket's files, then write its sorted rows. Both on the writing thread: output written
+    through the page cache (direct_io off or refused) then reuses the pages just freed (on a VM, memory
+    left free for long can be slow to touch again)."""
     for path in bucket_files:
         os.remove(path)
     sink.write(rows)

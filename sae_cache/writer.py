@@ -47,9 +47,12 @@ class Buffer:
 class ShardWriter:
     """Writes Buffers as shards, in order, on a background thread (or inline with background=False)."""
 
-    def __init__(self, directory: Path, features: Features, *, background: bool = True, pool_size: int = 3) -> None:
+    def __init__(
+        self, directory: Path, features: Features, *, background: bool = True, pool_size: int = 3, direct_io: bool = False
+    ) -> None:
         self.directory = Path(directory)
         self.features = features
+        self.direct_io = direct_io  # write around the page cache (final shards, not ones about to be shuffled)
         self.background = background
         self._free: queue.Queue = queue.Queue()
         self._allocated = 0
@@ -144,7 +147,7 @@ class ShardWriter:
         partial = path.with_name(path.name + ".partial")
         try:
             if buffer.first:
-                self._open = ArrowFileWriter(partial, self.features)
+                self._open = ArrowFileWriter(partial, self.features, direct_io=self.direct_io)
             assert self._open is not None, "a shard's pieces arrive in order, its first piece first"
             self._open.write(buffer.columns())
             shard_rows = self._open.rows

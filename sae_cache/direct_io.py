@@ -1,0 +1,133 @@
+"""Writing a cache's final data files around the page cache (O_DIRECT), or through it where that is refused.
+
+A cache's data files are written once and read later, by a training run, often from a cache larger
+than RAM. Sent through the page cache, every byte costs a kernel copy into newly allocated pages
+(the largest cost of writing on a CPU machine: half of the shuffle's samples in `perf`), and the
+pages evict what the machine had cached. `DirectFile` is a write-only sink for pyarrow's IPC writer
+that copies the bytes into a reused page-aligned staging buffer and writes it with O_DIRECT in
+aligned blocks; the last block is padded with zeros and the file truncated to its length, so the
+bytes on disk are exactly the bytes written. `close()` fsyncs.
+
+Where the OS has no O_DIRECT or the filesystem refuses it (tmpfs, some network filesystems: EINVAL
+at open or at the first write), the same object writes through the page cache; `direct` says which.
+Files read back soon (shards that are about to be shuffled, the shuffle's buckets) do not use it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+ALIGN = 4096  # O_DIRECT offsets, lengths and addresses are multiples of the logical block size (512 or 4096)
+STAGE_BYTES = 8 << 20
+
+
+class DirectFile:
+    """A write-only file at `path` (created or truncated) written with O_DIRECT where possible."""
+
+    def __init__(self, path: Path, *, stage_bytes: int = STAGE_BYTES) -> None:
+        if stage_bytes <= 0 or stage_bytes % ALIGN:
+            raise ValueError(f"stage_bytes={stage_bytes} must be a positive multiple of {ALIGN}")
+        self.path = Path(path)
+        self._fd, self.direct = _open(self.path)
+        self._stage = mmap.mmap(-1, stage_bytes) if self.direct else None  # anonymous: page-aligned
+        self._staged = np.frombuffer(self._stage, np.uint8) if self._stage is not None else None
+        self._fill = 0  # bytes in the staging buffer
+        self._size = 0  # bytes accepted so far: the file's length once closed
+        self.closed = False
+
+    # -- the file interface pyarrow uses ------------------------------------------------------------
+
+    def write(self, data) -> int:
+        """Accept `data` (any bytes-like object, e.g. a pyarrow Buffer); returns its length."""
+        src = np.frombuffer(data, np.uint8)
+        if self._staged is None:
+            _write_all(self._fd, memoryview(src))
+        else:
+            done = 0
+            while done < len(src):
+                take = min(len(src) - done, len(self._staged) - self._fill)
+                self._staged[self._fill : self._fill + take] = src[done : done + take]  # numpy copies without the GIL
+                self._fill += take
+                done += take
+                if self._fill == len(self._staged):
+                    self._write_stage(self._fill)
+        self._size += len(src)
+        return len(src)
+
+    def tell(self) -> int:
+        return self._size
+
+    def flush(self) -> None:
+        """Nothing to do: staged bytes are written in whole blocks, the rest at close()."""
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Write what is staged (padded to a block, then truncated to the exact length), fsync, close."""
+        if self.closed:
+            return
+        try:
+            if self._fill:
+                padded = -(-self._fill // ALIGN) * ALIGN
+                self._staged[self._fill : padded] = 0
+                self._write_stage(padded)
+                os.ftruncate(self._fd, self._size)
+            os.fsync(self._fd)
+        finally:
+            self._release()
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True):
+            self._release()  # abandoned after an error: close the descriptor, no fsync
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _write_stage(self, nbytes: int) -> None:
+        view = memoryview(self._stage)[:nbytes]
+        try:
+            written = os.write(self._fd, view) if self.direct else 0
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            written = 0
+            self._fall_back()  # the filesystem accepted O_DIRECT at open but not these writes
+        if written < nbytes:
+            if self.direct:
+                self._fall_back()  # a short direct write leaves the rest unaligned
+            _write_all(self._fd, view[written:])
+        self._fill = 0
+
+    def _fall_back(self) -> None:
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        self.direct = False
+
+    def _release(self) -> None:
+        self.closed = True
+        os.close(self._fd)
+        self._staged = self._stage = None  # unmapped once no view of it is left (an error's traceback may hold one)
+
+
+def _open(path: Path) -> tuple[int, bool]:
+    """A descriptor for writing `path`, with O_DIRECT when the OS and the filesystem accept it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, flags | direct, 0o644), True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, 0o644), False
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while len(view):
+        view = view[os.write(fd, view) :]

@@ -1,0 +1,168 @@
+"""Writes around the page cache (O_DIRECT): the bytes on disk are exactly the bytes given, whatever
+the filesystem accepts; the runner uses them for final data files only."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import sae_cache.arrow_format as arrow_format
+from sae_cache import CacheActivationsRunner
+from sae_cache.arrow_format import ArrowFileWriter, cache_features, read_arrow_columns
+from sae_cache.direct_io import ALIGN, DirectFile
+
+SIZES = [0, 1, 7, ALIGN - 1, ALIGN, ALIGN + 1, 3 * ALIGN + 5, 10 * ALIGN + 3, 4, 2 * ALIGN]
+
+
+def chunks(seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in SIZES]
+
+
+def write_all(path: Path, parts, **kwargs) -> DirectFile:
+    f = DirectFile(path, **kwargs)
+    for i, part in enumerate(parts):
+        assert f.write(pa.py_buffer(part) if i % 2 else part) == len(part)  # pyarrow hands over bytes and Buffers
+    assert f.tell() == sum(map(len, parts))
+    f.close()
+    return f
+
+
+def o_direct_accepted(directory: Path) -> bool:
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        os.close(os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+    except OSError:
+        return False
+    finally:
+        (directory / "probe").unlink(missing_ok=True)
+    return True
+
+
+@pytest.mark.parametrize("stage_bytes", [ALIGN, 3 * ALIGN, 1 << 20])
+def test_the_file_holds_exactly_the_bytes_written(tmp_path, stage_bytes):
+    parts = chunks()
+    f = write_all(tmp_path / "f", parts, stage_bytes=stage_bytes)
+    assert (tmp_path / "f").read_bytes() == b"".join(parts)  # no padding left at the end
+    assert f.direct == o_direct_accepted(tmp_path)
+
+
+def test_the_descriptor_really_bypasses_the_page_cache(tmp_path):
+    if not o_direct_accepted(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT: the fallback is tested below")
+    f = DirectFile(tmp_path / "f")
+    with open(f"/proc/self/fdinfo/{f._fd}") as info:
+        flags = int(next(line for line in info if line.startswith("flags:")).split()[1], 8)
+    f.close()
+    assert flags & os.O_DIRECT
+
+
+def test_without_o_direct_in_the_os_it_writes_through_the_page_cache(tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    parts = chunks(1)
+    f = write_all(tmp_path / "f", parts)
+    assert not f.direct and (tmp_path / "f").read_bytes() == b"".join(parts)
+
+
+def test_a_filesystem_refusing_o_direct_at_open_gets_ordinary_writes(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def refuse_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    parts = chunks(2)
+    f = write_all(tmp_path / "f", parts)
+    assert not f.direct and (tmp_path / "f").read_bytes() == b"".join(parts)
+
+
+@pytest.mark.parametrize("failure", ["EINVAL", "short write"])
+def test_a_refused_or_short_direct_write_falls_back_without_losing_bytes(tmp_path, monkeypatch, failure):
+    if not o_direct_accepted(tmp_path):
+        pytest.skip("needs a filesystem that accepts O_DIRECT at open")
+    real_write, calls = os.write, []
+
+    def flaky_write(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            if failure == "EINVAL":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_write(fd, memoryview(data)[: ALIGN + 1])  # a short, unaligned write: the rest must follow
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", flaky_write)
+    parts = chunks(3)
+    f = write_all(tmp_path / "f", parts, stage_bytes=2 * ALIGN)
+    assert not f.direct and len(calls) > 1
+    assert (tmp_path / "f").read_bytes() == b"".join(parts)
+
+
+def test_other_write_errors_reach_the_caller(tmp_path, monkeypatch):
+    def disk_full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    f = DirectFile(tmp_path / "f", stage_bytes=ALIGN)
+    with pytest.raises(OSError) as e:
+        f.write(bytes(3 * ALIGN))
+        f.close()
+    assert e.value.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("labels", [None, {"label": "int64"}])
+def test_arrow_files_are_the_same_bytes_either_way(tmp_path, labels):
+    features = cache_features({"h": 8}, 5, "float32", labels)
+    rng = np.random.default_rng(0)
+    batches = [
+        {"h": rng.standard_normal((n, 5, 8), dtype=np.float32), "token_ids": rng.integers(0, 99, (n, 5), dtype=np.int32)}
+        | ({"label": np.arange(n, dtype=np.int64)} if labels else {})
+        for n in (3, 1, 17, 250)
+    ]
+    for direct in (False, True):
+        writer = ArrowFileWriter(tmp_path / f"{direct}.arrow", features, direct_io=direct)
+        for batch in batches:
+            writer.write(batch)
+        writer.close()
+    assert (tmp_path / "True.arrow").read_bytes() == (tmp_path / "False.arrow").read_bytes()
+    read = list(read_arrow_columns(tmp_path / "True.arrow"))
+    assert all(np.array_equal(r["h"], b["h"]) for r, b in zip(read, batches, strict=True))
+
+
+def digest(path: str) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.arrow")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_the_runner_writes_only_final_files_around_the_page_cache(model, text_dataset, make_cfg, tmp_path, monkeypatch, shuffle):
+    opened = []
+    real_init = ArrowFileWriter.__init__
+
+    def spy(self, path, features, *, direct_io=False):
+        opened.append((Path(path).name, direct_io))
+        real_init(self, path, features, direct_io=direct_io)
+
+    monkeypatch.setattr(arrow_format.ArrowFileWriter, "__init__", spy)
+    caches = {}
+    for direct in (False, True):
+        opened.clear()
+        cfg = make_cfg(shuffle=shuffle, direct_io=direct, new_cached_activations_path=str(tmp_path / f"d{direct}"))
+        CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model).run()
+        caches[direct] = digest(cfg.new_cached_activations_path)
+        shards = {d for name, d in opened if name.startswith("shard_")}
+        outputs = {d for name, d in opened if name.startswith("data-")}
+        # shards about to be shuffled are read back at once: through the page cache; final files: as asked
+        assert shards == ({False} if shuffle else {direct})
+        assert outputs == ({direct} if shuffle else set())  # unshuffled shards become the data files by rename
+    assert caches[True] == caches[False]
