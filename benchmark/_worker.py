@@ -415,10 +415,10 @@ def task_write(mode: str, directory: str, buffer_mib: int, n_buffers: int, conte
         elif mode == "arrow":
             for i in range(n_buffers):
                 write_arrow_file(out / f"data-{i:05d}.arrow", features, columns)
-        elif mode == "shardwriter":  # each buffer in the runner's pieces (a quarter buffer, at most 64 MiB)
+        elif mode in ("shardwriter", "shardwriter_direct"):  # each buffer in the runner's pieces (a quarter buffer, <= 64 MiB)
             tensors = {k: torch.from_numpy(v) for k, v in columns.items()}
             piece = max(1, min(-(-rows // 4), (64 * MiB) // (context * D_MODEL * 4)))
-            with ShardWriter(out, features) as writer:
+            with ShardWriter(out, features, direct_io=mode == "shardwriter_direct") as writer:
                 for i in range(n_buffers):
                     for start in range(0, rows, piece):
                         part = {k: v[start : start + piece] for k, v in tensors.items()}
@@ -468,8 +468,8 @@ def task_make_shards(directory: str, shard_mib: int, n_shards: int, context: int
 
 
 def task_shuffle(shards: list[str], out: str, scratch: str, rows_per_file: int, n_rows: int, context: int,
-                 across: bool = False, seed: int = 42) -> dict:
-    """sae_cache.shuffle.shuffle_shards alone, with the runner's bucket size (a quarter of a buffer)."""
+                 across: bool = False, seed: int = 42, direct_io: bool = True) -> dict:
+    """sae_cache.shuffle.shuffle_shards alone, with the runner's bucket size (a quarter of a buffer) and output writes."""
     from sae_cache.arrow_format import cache_features
     from sae_cache.shuffle import _bytes_per_row, shuffle_shards
 
@@ -480,7 +480,7 @@ def task_shuffle(shards: list[str], out: str, scratch: str, rows_per_file: int, 
     with Timed() as t:
         names = shuffle_shards([Path(s) for s in shards], features=features, seed=seed, across_sequences=across,
                                rows_per_file=rows_per_file, n_rows=n_rows, scratch=Path(scratch), out_dir=out_dir,
-                               bucket_bytes=bucket_bytes)
+                               bucket_bytes=bucket_bytes, direct_io=direct_io)
     written = sum((out_dir / n).stat().st_size for n in names)
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.rmtree(scratch, ignore_errors=True)
