@@ -52,7 +52,7 @@ class HookStats:
     def per_unit(acts: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
         """Per stored unit (row or position): tokens, sum, sum of squares, sum of norms, max |x|, new infs."""
         flat = acts.float().reshape(acts.shape[0], -1, acts.shape[-1])
-        sq_per_token = flat.square().sum(-1)
+        norms = torch.linalg.vector_norm(flat, dim=-1)  # one pass over the values, no temporary of their size
         low, high = torch.aminmax(flat.reshape(flat.shape[0], -1), dim=1)
         if stored.dtype == torch.float16:
             new_inf = (torch.isinf(stored) & torch.isfinite(acts)).reshape(flat.shape[0], -1).sum(1).float()
@@ -62,8 +62,8 @@ class HookStats:
             [
                 torch.full((flat.shape[0],), flat.shape[1], dtype=torch.float32, device=flat.device),
                 flat.sum((1, 2)),
-                sq_per_token.sum(1),
-                sq_per_token.sqrt().sum(1),
+                norms.square().sum(1),
+                norms.sum(1),
                 torch.maximum(low.abs(), high.abs()),
                 new_inf,
             ],

@@ -130,6 +130,24 @@ def test_format_contract(model, text_dataset, make_cfg, tmp_path):
     assert not RunPaths(out).work.exists() and not RunPaths(out).backup.exists()
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_metadata_statistics_are_those_of_the_stored_activations(model, text_dataset, make_cfg, shuffle):
+    """mean, std, mean_norm and max_abs of each hook, summed over buffers and pieces, equal numpy's over the whole cache."""
+    hooks = [HOOK, "blocks.0.hook_resid_pre"]
+    cfg = make_cfg(hook_name=hooks, shuffle=shuffle, seqpos_slice=(1, None), training_tokens=15 * 37)
+    ds = run(cfg, text_dataset, model).with_format("numpy")
+    meta = json.loads((Path(cfg.new_cached_activations_path) / METADATA_FILE).read_text())
+    for hook in hooks:
+        acts = ds[hook][:].astype(np.float64)  # (rows, 15, 32)
+        stats = meta["hooks"][hook]["stats"]
+        assert stats["tokens_seen"] == acts.shape[0] * acts.shape[1] == 37 * 15
+        assert stats["mean"] == pytest.approx(acts.mean(), rel=1e-5, abs=1e-6)
+        assert stats["std"] == pytest.approx(acts.std(), rel=1e-5)
+        assert stats["mean_norm"] == pytest.approx(np.linalg.norm(acts, axis=-1).mean(), rel=1e-5)
+        assert stats["max_abs"] == pytest.approx(np.abs(acts).max(), rel=1e-6)
+        assert stats["inf_after_cast"] == 0
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_dtypes_are_stored_as_asked(model, text_dataset, make_cfg, dtype):
     ds = run(make_cfg(dtype=dtype, training_tokens=16 * 8), text_dataset, model)
