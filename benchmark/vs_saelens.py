@@ -14,8 +14,8 @@ memory batch after batch, which exceeds what one warm-up pass leaves in VmHWM. s
 its defaults, which on this CPU means 2 forward passes at once (`forward_threads`), so its model term
 is the 2-thread forward loop's (two passes' working memory); at 64 MiB it also runs with
 forward_threads=1 against the plain loop.
-Targets (issue 3, 1b): sae_cache >= 1.3x SAELens's tokens/s; sae_cache's peak RSS <= 2 x
-buffer_size_gb + the model.
+Targets (issue 3, 1b): sae_cache (its defaults) >= 1.3x SAELens's tokens/s; sae_cache's peak RSS <= 2 x
+buffer_size_gb + the model (every sae_cache run). The forward_threads=1 speed is shown for context.
 """
 
 from __future__ import annotations
@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> list[Verdict]:
             speed = (r["tokens"] / r["seconds"]) / (theirs["tokens"] / theirs["seconds"])
             res["speeds"][name] = speed
             setting = f"{res['label']}, {name}"
-            verdicts.append(Verdict(f"1b {name} / SAELens tokens/s ({res['label']})", f"{speed:.2f}x", f">= {SPEED_TARGET}x",
-                                    quick and speed >= SPEED_TARGET))
+            default = name == "sae_cache"  # the target is the tool as shipped; forward_threads=1 shows what the threads add
+            verdicts.append(Verdict(f"1b {name} / SAELens tokens/s ({res['label']})", f"{speed:.2f}x",
+                                    f">= {SPEED_TARGET}x" if default else "(context: not the default)",
+                                    quick and speed >= SPEED_TARGET if default else None))
             verdicts.append(Verdict(f"1b peak RSS ({setting})",
                                     f"{r['hwm_mib']:,.0f} MiB (SAELens {theirs['hwm_mib']:,.0f}); "
                                     f"{r['hwm_mib'] - r['base_hwm_mib']:+,.0f} over its own pre-run peak",
