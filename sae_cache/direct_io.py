@@ -4,19 +4,18 @@ A cache's data files are written once and read later, by a training run, often f
 than RAM. Sent through the page cache, every byte costs a kernel copy into newly allocated pages
 (the largest cost of writing on a CPU machine: half of the shuffle's samples in `perf`), and the
 pages evict what the machine had cached. `DirectFile` is a write-only sink for pyarrow's IPC writer
-that copies the bytes into a reused page-aligned staging buffer and writes it with O_DIRECT in
+that copies the bytes into a page-aligned staging buffer (reused for the whole file) and writes it with O_DIRECT in
 aligned blocks; the last block is padded with zeros and the file truncated to its length, so the
 bytes on disk are exactly the bytes written. `close()` fsyncs.
 
-Where the OS has no O_DIRECT or the filesystem refuses it (tmpfs, some network filesystems: EINVAL
-at open or at the first write), the same object writes through the page cache; `direct` says which.
+Where the OS has no O_DIRECT or the filesystem refuses it (tmpfs before Linux 6.6, some network
+filesystems: EINVAL at open or at a write), the same object writes through the page cache; `direct` says which.
 Files read back soon (shards that are about to be shuffled, the shuffle's buckets) do not use it.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 from pathlib import Path
@@ -34,17 +33,21 @@ class DirectFile:
         if stage_bytes <= 0 or stage_bytes % ALIGN:
             raise ValueError(f"stage_bytes={stage_bytes} must be a positive multiple of {ALIGN}")
         self.path = Path(path)
+        self._stage = self._staged = None
         self._fd, self.direct = _open(self.path)
-        self._stage = mmap.mmap(-1, stage_bytes) if self.direct else None  # anonymous: page-aligned
-        self._staged = np.frombuffer(self._stage, np.uint8) if self._stage is not None else None
+        self.closed = False  # from here on, __del__ closes the descriptor if close() is never reached
+        if self.direct:
+            self._stage = mmap.mmap(-1, stage_bytes)  # anonymous: page-aligned
+            self._staged = np.frombuffer(self._stage, np.uint8)
         self._fill = 0  # bytes in the staging buffer
         self._size = 0  # bytes accepted so far: the file's length once closed
-        self.closed = False
 
     # -- the file interface pyarrow uses ------------------------------------------------------------
 
     def write(self, data) -> int:
         """Accept `data` (any bytes-like object, e.g. a pyarrow Buffer); returns its length."""
+        if self.closed:
+            raise ValueError(f"write to a closed file: {self.path}")
         src = np.frombuffer(data, np.uint8)
         if self._staged is None:
             _write_all(self._fd, memoryview(src))
@@ -105,6 +108,8 @@ class DirectFile:
         self._fill = 0
 
     def _fall_back(self) -> None:
+        import fcntl  # only reached where O_DIRECT exists (POSIX)
+
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
         self.direct = False

@@ -4,6 +4,7 @@ the filesystem accepts; the runner uses them for final data files only."""
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import os
 from pathlib import Path
@@ -86,24 +87,47 @@ def test_a_filesystem_refusing_o_direct_at_open_gets_ordinary_writes(tmp_path, m
 
 
 @pytest.mark.parametrize("failure", ["EINVAL", "short write"])
-def test_a_refused_or_short_direct_write_falls_back_without_losing_bytes(tmp_path, monkeypatch, failure):
+@pytest.mark.parametrize("failing_call", [1, 2])  # the first direct write, or one after a direct write went through
+def test_a_refused_or_short_direct_write_falls_back_without_losing_bytes(tmp_path, monkeypatch, failure, failing_call):
     if not o_direct_accepted(tmp_path):
         pytest.skip("needs a filesystem that accepts O_DIRECT at open")
     real_write, calls = os.write, []
 
     def flaky_write(fd, data):
         calls.append(len(data))
-        if len(calls) == 1:
+        if len(calls) == failing_call:
             if failure == "EINVAL":
                 raise OSError(errno.EINVAL, "Invalid argument")
-            return real_write(fd, memoryview(data)[: ALIGN + 1])  # a short, unaligned write: the rest must follow
+            return real_write(fd, memoryview(data)[:ALIGN])  # a short (aligned) direct write: the rest must follow
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", flaky_write)
     parts = chunks(3)
     f = write_all(tmp_path / "f", parts, stage_bytes=2 * ALIGN)
-    assert not f.direct and len(calls) > 1
+    assert not f.direct
+    # after a short write only the missing part is written again; after EINVAL the whole block
+    assert calls[failing_call] == (ALIGN if failure == "short write" else 2 * ALIGN)
     assert (tmp_path / "f").read_bytes() == b"".join(parts)
+
+
+def test_a_length_of_whole_blocks_needs_no_tail(tmp_path):
+    parts = [bytes(range(256)) * 16 * 3, b"\x07" * ALIGN]  # 4 blocks: the stage fills exactly, nothing left at close
+    f = write_all(tmp_path / "f", parts, stage_bytes=2 * ALIGN)
+    assert (tmp_path / "f").read_bytes() == b"".join(parts)
+    assert f.direct == o_direct_accepted(tmp_path)
+
+
+def test_a_closed_file_refuses_writes_and_closes_once(tmp_path):
+    f = DirectFile(tmp_path / "f")
+    f.write(b"abc")
+    fd = f._fd
+    f.close()
+    f.close()  # a second close does nothing
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the descriptor is closed
+    with pytest.raises(ValueError, match="closed"):
+        f.write(b"more")
+    assert (tmp_path / "f").read_bytes() == b"abc"
 
 
 def test_other_write_errors_reach_the_caller(tmp_path, monkeypatch):
@@ -112,10 +136,15 @@ def test_other_write_errors_reach_the_caller(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "write", disk_full)
     f = DirectFile(tmp_path / "f", stage_bytes=ALIGN)
+    fd = f._fd
     with pytest.raises(OSError) as e:
         f.write(bytes(3 * ALIGN))
         f.close()
     assert e.value.errno == errno.ENOSPC
+    del e, f  # abandoned after the error: its descriptor is closed when it is collected
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)
 
 
 @pytest.mark.parametrize("labels", [None, {"label": "int64"}])
