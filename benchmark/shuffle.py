@@ -7,8 +7,8 @@
 2. Alone: synthetic shards of M MiB (default 256, the buffer) making caches of A and B shards
    (default 4 and 16: 1 GiB and 4 GiB) are shuffled with `sae_cache.shuffle.shuffle_shards` (rows;
    and positions across sequences at the first size) using the runner's bucket size (a quarter of a
-   buffer), against `shutil.copyfile` + fsync of each shard. The shards were just written, so both
-   read them from the page cache. The shuffle writes its output as the runner does (direct_io=True:
+   buffer), against `shutil.copyfile` + fsync of each shard. Before each run the shards are read
+   once, untimed, so that every run reads them from the page cache. The shuffle writes its output as the runner does (direct_io=True:
    around the page cache where the filesystem allows); rows with direct_io=False are shown for
    reference at the first size (not judged).
 

@@ -183,12 +183,29 @@ def _chunks(shard_files: list[Path], across: bool, chunk_items: int) -> Iterator
                 yield path, b, start, min(start + chunk_items, n_items)
 
 
-def _chunk_items(path: Path, batch: int, start: int, stop: int, across: bool) -> dict[str, np.ndarray]:
-    """Items start..stop-1 of a shard's batch: views on a fresh memory map, unmapped once dropped (bounded RSS)."""
-    for i, columns in enumerate(read_arrow_columns(path)):
+def _chunk_items(path: Path, batch: int, start: int, stop: int, across: bool) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
+    """Items start..stop-1 of a shard's batch: views on a fresh memory map, unmapped once dropped (bounded
+    RSS), and the (offset, length) byte ranges of the file that they are."""
+    for i, (columns, base) in enumerate(_batch_columns_with_base(path)):
         if i == batch:
-            return {k: v[start:stop] for k, v in _items(columns, across).items()}
+            items = {k: v[start:stop] for k, v in _items(columns, across).items()}
+            size = path.stat().st_size
+            spans = [(v.ctypes.data - base, v.nbytes) for v in items.values() if v.flags.c_contiguous]
+            return items, [(offset, n) for offset, n in spans if 0 <= offset <= size - n]  # not copies (bool columns)
     raise IndexError(batch)
+
+
+def _drop_cached(path: Path, ranges: list[tuple[int, int]]) -> None:
+    """Free the page cache of shard bytes the scatter has read (the shard stays on disk): the bucket
+    files written next reuse those pages (on a VM, memory left free for long is slow to touch again)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, length in ranges:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _scatter(shard_files, scratch: Path, layouts, background: _Background, *, seed: int, across: bool, width: int, n_buckets: int) -> np.ndarray:
@@ -206,7 +223,10 @@ def _scatter(shard_files, scratch: Path, layouts, background: _Background, *, se
         present, first, sizes = np.unique(buckets[order], return_index=True, return_counts=True)
         counts[present] += sizes
         out = buffers[chunk % 2]  # free: the write of chunk - 2 finished before chunk - 1 was submitted
-        _take(_chunk_items(path, batch, start, stop, across), order, out)
+        items, ranges = _chunk_items(path, batch, start, stop, across)
+        _take(items, order, out)
+        del items  # unmapped, so that the kernel can drop those pages
+        _drop_cached(path, ranges)
         files = {"keys": keys[order]} | {str(i): out[name][: len(keys)] for i, name in enumerate(layouts)}
         background.submit(_append_buckets, scratch, files, present, first, first + sizes)
     return counts
