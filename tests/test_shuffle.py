@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from sae_cache import CacheActivationsRunner
 from sae_cache.arrow_format import ArrowFileWriter, cache_features, read_arrow_columns
+from sae_cache import shuffle as shuffle_module
 from sae_cache.shuffle import _bytes_per_row, item_keys, shuffle_shards
 
 HOOK = "blocks.1.hook_resid_post"
@@ -190,6 +192,54 @@ def test_order_is_the_stable_sort_of_the_item_keys(tmp_path, mode, bucket_rows, 
     got = tokens.reshape(-1) if across else tokens[:, 0] // 4
     assert np.array_equal(got, expected)
     assert np.array_equal(acts[..., 0], tokens) and np.array_equal(acts[..., 2], tokens)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is what is tested")
+@pytest.mark.parametrize("mode", ["rows, two passes", "across sequences"])
+def test_the_scatter_frees_the_page_cache_of_exactly_the_bytes_it_read(tmp_path, monkeypatch, mode):
+    """Every column byte of every record batch is released once, nothing outside the columns (the
+    framing, the Arrow offsets) and nothing twice; the shards are left as they were."""
+    across = mode == "across sequences"
+    force_rows_path(monkeypatch, one_pass=False)
+    features, files, n_rows = synthetic_shards(tmp_path, [7, 1, 12], length=4, batch_rows=3)
+    before = {f: f.read_bytes() for f in files}
+    dropped: dict[str, list[tuple[int, int]]] = {}
+    real_fadvise = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_DONTNEED
+        dropped.setdefault(os.readlink(f"/proc/self/fd/{fd}"), []).append((offset, length))
+        return real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    monkeypatch.setattr(shuffle_module, "SCATTER_CHUNK_BYTES", _bytes_per_row(features) * 2)  # several chunks per batch
+    (tmp_path / "out").mkdir()
+    shuffle_shards(files, features=features, seed=5, across_sequences=across, rows_per_file=6, n_rows=n_rows,
+                   scratch=tmp_path / "scratch", out_dir=tmp_path / "out", bucket_bytes=_bytes_per_row(features) * 3)
+    for f in files:
+        expected = []
+        for columns, base in shuffle_module._batch_columns_with_base(f):
+            expected += [(v.ctypes.data - base, v.nbytes) for v in columns.values()]
+            del columns
+        got = dropped[str(f.resolve())]
+        assert _covers(got, expected)  # disjoint (nothing twice), and exactly the columns' bytes
+        assert f.read_bytes() == before[f]
+
+
+def _covers(got: list[tuple[int, int]], expected: list[tuple[int, int]]) -> bool:
+    """The ranges in `got` are disjoint and their union is exactly the union of `expected`."""
+    def union(ranges):
+        out = []
+        for offset, length in sorted(ranges):
+            if out and out[-1][1] == offset:
+                out[-1][1] = offset + length
+            else:
+                out.append([offset, offset + length])
+        return out
+
+    ends = sorted(got)
+    disjoint = all(a[0] + a[1] <= b[0] for a, b in zip(ends, ends[1:]))
+    return disjoint and union(got) == union(expected)
 
 
 def test_an_error_while_writing_propagates_and_stops_the_writer_thread(tmp_path, monkeypatch):
