@@ -20,7 +20,9 @@ two passes' (only the record-batch boundaries inside the files differ).
 
 Speed: each pass copies every item once in memory (`np.take` from the shard's memory map, or from
 the bucket file's, into a buffer reused all along) while one background thread writes (and fsyncs)
-the previous buffer, so that file I/O overlaps the reordering. Memory: the scatter holds two chunks
+the previous buffer, so that file I/O overlaps the reordering. The output goes around the page cache
+with direct_io (sae_cache/direct_io.py); the scatter frees the page cache of the shard bytes it has
+read, so that the bucket files (read back at once, so through the page cache) reuse those pages. Memory: the scatter holds two chunks
 of SCATTER_CHUNK_BYTES and the memory map of one; the gather the memory map of one bucket and two sorted
 buckets (with bucket_bytes a quarter of a buffer, about three quarters of a buffer).
 """
