@@ -192,8 +192,8 @@ def _chunk_items(path: Path, batch: int, start: int, stop: int, across: bool) ->
         if i == batch:
             items = {k: v[start:stop] for k, v in _items(columns, across).items()}
             size = path.stat().st_size
-            spans = [(v.ctypes.data - base, v.nbytes) for v in items.values() if v.flags.c_contiguous]
-            return items, [(offset, n) for offset, n in spans if 0 <= offset <= size - n]  # not copies (bool columns)
+            spans = [(_file_offset(v, base, size), v.nbytes) for v in items.values()]
+            return items, [(offset, n) for offset, n in spans if offset is not None]  # not copies (bool columns)
     raise IndexError(batch)
 
 
@@ -345,9 +345,16 @@ def _batch_columns_with_base(path: Path) -> Iterator[tuple[dict[str, np.ndarray]
         yield columns, base
 
 
-def _offset_in_file(values: np.ndarray, base: int, path: Path) -> int:
+def _file_offset(values: np.ndarray, base: int, size: int) -> int | None:
+    """Where `values`, a view on a file's memory map starting at `base`, lies in the file; None when it
+    is not one contiguous span of it (a copy: bit-packed bools)."""
     offset = values.ctypes.data - base
-    if not values.flags.c_contiguous or offset < 0 or offset + values.nbytes > path.stat().st_size:
+    return offset if values.flags.c_contiguous and 0 <= offset <= size - values.nbytes else None
+
+
+def _offset_in_file(values: np.ndarray, base: int, path: Path) -> int:
+    offset = _file_offset(values, base, path.stat().st_size)
+    if offset is None:
         raise RuntimeError(f"a column of {path} is not stored as one contiguous buffer in the file: it cannot be read in place.")
     return offset
 
