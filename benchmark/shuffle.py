@@ -8,9 +8,9 @@
    (default 4 and 16: 1 GiB and 4 GiB) are shuffled with `sae_cache.shuffle.shuffle_shards` (rows;
    and positions across sequences at the first size) using the runner's bucket size (a quarter of a
    buffer), against `shutil.copyfile` + fsync of each shard. Before each run the shards are read
-   once, untimed, so that every run reads them from the page cache. The shuffle writes its output as the runner does (direct_io=True:
-   around the page cache where the filesystem allows); rows with direct_io=False are shown for
-   reference at the first size (not judged).
+   once, untimed, so that every run reads them from the page cache. The shuffle writes its output
+   as the runner does (direct_io=True: around the page cache where the filesystem allows); rows
+   with direct_io=False are shown for reference at the first size (not judged).
 
 Targets (issue 3, 1f): shuffle time <= 3x one plain copy; peak RSS <= one buffer + 0.5 GB whatever the
 cache size.
