@@ -45,8 +45,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: a smoke run of the script")
     p.add_argument("--reps", type=int, default=None, help="repetitions of each measurement (best of N is reported)")
-    p.add_argument("--threads", type=int, default=None,
-                   help=f"torch threads in every run (default: torch's default, the core count); sets ${THREADS_ENV}")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"torch threads in every run (default: torch's default, the core count); sets ${THREADS_ENV}",
+    )
     return p
 
 
@@ -126,7 +130,9 @@ def run_worker(task: str, **kwargs) -> dict:
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"worker task {task} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}")
+    raise RuntimeError(
+        f"worker task {task} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}"
+    )
 
 
 def alternate(specs: dict[str, dict], reps: int, *, reverse_odd: bool = True) -> dict[str, list[dict]]:
@@ -141,8 +147,12 @@ def alternate(specs: dict[str, dict], reps: int, *, reverse_odd: bool = True) ->
             res = run_worker(task, **spec)
             res["rep"] = r
             results[name].append(res)
-            print(f"  [{name} rep {r + 1}/{reps}: {res['seconds']:.2f} s, peak RSS {res['hwm_mib']:.0f} MiB, "
-                  f"load {res['load'][0]:.2f}]", file=sys.stderr, flush=True)
+            print(
+                f"  [{name} rep {r + 1}/{reps}: {res['seconds']:.2f} s, peak RSS {res['hwm_mib']:.0f} MiB, "
+                f"load {res['load'][0]:.2f}]",
+                file=sys.stderr,
+                flush=True,
+            )
     return results
 
 

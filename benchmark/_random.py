@@ -12,7 +12,9 @@ def demo_shaped_model():
 
     torch.manual_seed(0)
     return HookedTransformer(
-        HookedTransformerConfig(n_layers=4, d_model=256, n_heads=4, d_head=64, d_mlp=1024, n_ctx=256, d_vocab=4096, act_fn="gelu", seed=0)
+        HookedTransformerConfig(
+            n_layers=4, d_model=256, n_heads=4, d_head=64, d_mlp=1024, n_ctx=256, d_vocab=4096, act_fn="gelu", seed=0
+        )
     )
 
 

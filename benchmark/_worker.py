@@ -56,8 +56,13 @@ class Timed:
         self.cpu_s = (ru.ru_utime - self._ru.ru_utime) + (ru.ru_stime - self._ru.ru_stime)
 
     def result(self, **extra) -> dict:
-        return {"seconds": self.seconds, "cpu_s": self.cpu_s, "base_mib": self.base_mib, "base_hwm_mib": self.base_hwm_mib,
-                **extra}
+        return {
+            "seconds": self.seconds,
+            "cpu_s": self.cpu_s,
+            "base_mib": self.base_mib,
+            "base_hwm_mib": self.base_hwm_mib,
+            **extra,
+        }
 
 
 # -- the model and the tokens -----------------------------------------------------------------------
@@ -80,8 +85,16 @@ def build_model(kind: str):
     tokenizer = wrap_tokenizer(train_bpe_tokenizer(texts, vocab_size=4096))
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(
-        n_layers=4, d_model=256, n_heads=4, d_head=64, d_mlp=1024, n_ctx=256, d_vocab=4096,
-        act_fn="gelu", normalization_type="LN", seed=0,
+        n_layers=4,
+        d_model=256,
+        n_heads=4,
+        d_head=64,
+        d_mlp=1024,
+        n_ctx=256,
+        d_vocab=4096,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
     )
     model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
     return model.eval()
@@ -112,8 +125,15 @@ def task_tokens(out: str, n_rows: int, context: int) -> dict:
         texts = list(load_demo_dataset()["text"])
         ids = model.tokenizer(texts, add_special_tokens=False)["input_ids"]
         bos = model.tokenizer.bos_token_id
-        rows = list(pack_sequences((np.asarray(i) for i in ids), context_size=context, bos_token_id=bos,
-                                   separator_token_id=bos, disable_concat=False))
+        rows = list(
+            pack_sequences(
+                (np.asarray(i) for i in ids),
+                context_size=context,
+                bos_token_id=bos,
+                separator_token_id=bos,
+                disable_concat=False,
+            )
+        )
         base = torch.stack(rows).numpy()
         kind, source = "demo", f"demo text ({len(base):,} rows of {context} tokens, tiled)"
     except Exception as e:  # noqa: BLE001 - the demo assets are optional here
@@ -182,8 +202,13 @@ def task_forward(data: str, kind: str, n_rows: int, batch: int, hook: str = HOOK
 def _cache_info(out: Path, n_rows: int, context: int) -> dict:
     files = sorted(out.rglob("*.arrow"))
     disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return {"tokens": n_rows * context, "disk_bytes": disk, "data_bytes": sum(p.stat().st_size for p in files),
-            "n_files": len(files), "raw_act_bytes": n_rows * context * D_MODEL * 4}
+    return {
+        "tokens": n_rows * context,
+        "disk_bytes": disk,
+        "data_bytes": sum(p.stat().st_size for p in files),
+        "n_files": len(files),
+        "raw_act_bytes": n_rows * context * D_MODEL * 4,
+    }
 
 
 def _apply_ablations(ablate: list[str]) -> None:
@@ -205,14 +230,27 @@ def _apply_ablations(ablate: list[str]) -> None:
         elif name == "no_fsync":
             arrow_format.fsync_path = lambda path: None
         elif name == "no_stats":
-            store.HookStats.per_unit = staticmethod(lambda acts, stored: torch.zeros((acts.shape[0], 6), dtype=torch.float64))
+            store.HookStats.per_unit = staticmethod(
+                lambda acts, stored: torch.zeros((acts.shape[0], 6), dtype=torch.float64)
+            )
         else:
             raise ValueError(f"unknown ablation {name!r}")
 
 
-def task_sae_cache(data: str, kind: str, out: str, training_tokens: int, buffer_size_gb: float, shuffle: bool,
-                   batch: int, context: int, hook: str = HOOK, keep: bool = False, ablate: list[str] = (),
-                   forward_threads: int | None = None) -> dict:
+def task_sae_cache(
+    data: str,
+    kind: str,
+    out: str,
+    training_tokens: int,
+    buffer_size_gb: float,
+    shuffle: bool,
+    batch: int,
+    context: int,
+    hook: str = HOOK,
+    keep: bool = False,
+    ablate: list[str] = (),
+    forward_threads: int | None = None,
+) -> dict:
     """sae_cache's CacheActivationsRunner end to end (construction + run(), model built beforehand)."""
     from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig
 
@@ -221,9 +259,18 @@ def task_sae_cache(data: str, kind: str, out: str, training_tokens: int, buffer_
     dataset = _load_rows(data)
     warm_up(model, batch, context, hook)
     cfg = CacheActivationsRunnerConfig(
-        model_name="bench-model", hook_name=hook, d_in=D_MODEL, training_tokens=training_tokens,
-        context_size=context, model_batch_size=batch, new_cached_activations_path=out, shuffle=shuffle,
-        device="cpu", buffer_size_gb=buffer_size_gb, overwrite=True, forward_threads=forward_threads,
+        model_name="bench-model",
+        hook_name=hook,
+        d_in=D_MODEL,
+        training_tokens=training_tokens,
+        context_size=context,
+        model_batch_size=batch,
+        new_cached_activations_path=out,
+        shuffle=shuffle,
+        device="cpu",
+        buffer_size_gb=buffer_size_gb,
+        overwrite=True,
+        forward_threads=forward_threads,
     )
     with Timed() as t:
         runner = CacheActivationsRunner(cfg, override_dataset=dataset, model=model)
@@ -233,12 +280,25 @@ def task_sae_cache(data: str, kind: str, out: str, training_tokens: int, buffer_
     del cached
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
-    return t.result(**info, n_buffers=plan.n_buffers, rows_per_buffer=plan.rows_per_buffer,
-                    buffer_bytes=plan.rows_per_buffer * plan.bytes_per_row, forward_threads=runner._resolve().forward_threads)
+    return t.result(
+        **info,
+        n_buffers=plan.n_buffers,
+        rows_per_buffer=plan.rows_per_buffer,
+        buffer_bytes=plan.rows_per_buffer * plan.bytes_per_row,
+        forward_threads=runner._resolve().forward_threads,
+    )
 
 
-def task_saelens(data: str, kind: str, out: str, training_tokens: int, buffer_size_gb: float, batch: int,
-                 context: int, hook: str = HOOK) -> dict:
+def task_saelens(
+    data: str,
+    kind: str,
+    out: str,
+    training_tokens: int,
+    buffer_size_gb: float,
+    batch: int,
+    context: int,
+    hook: str = HOOK,
+) -> dict:
     """SAELens 6's CacheActivationsRunner on the same model (its load_model patched) and dataset."""
     import sae_lens.cache_activations_runner as saelens_runner
     from sae_lens.config import CacheActivationsRunnerConfig as SAELensConfig
@@ -248,9 +308,18 @@ def task_saelens(data: str, kind: str, out: str, training_tokens: int, buffer_si
     warm_up(model, batch, context, hook)
     saelens_runner.load_model = lambda *args, **kwargs: model
     cfg = SAELensConfig(
-        dataset_path=data, model_name="bench-model", model_batch_size=batch, hook_name=hook, d_in=D_MODEL,
-        training_tokens=training_tokens, context_size=context, new_cached_activations_path=out, shuffle=False,
-        device="cpu", buffer_size_gb=buffer_size_gb, dtype="float32",
+        dataset_path=data,
+        model_name="bench-model",
+        model_batch_size=batch,
+        hook_name=hook,
+        d_in=D_MODEL,
+        training_tokens=training_tokens,
+        context_size=context,
+        new_cached_activations_path=out,
+        shuffle=False,
+        device="cpu",
+        buffer_size_gb=buffer_size_gb,
+        dtype="float32",
     )
     with Timed() as t:
         runner = saelens_runner.CacheActivationsRunner(cfg, override_dataset=dataset)
@@ -310,8 +379,16 @@ class _RssSampler:
         self._thread.join()
 
 
-def task_breakdown(data: str, kind: str, out: str, training_tokens: int, buffer_size_gb: float, batch: int,
-                   context: int, hook: str = HOOK) -> dict:
+def task_breakdown(
+    data: str,
+    kind: str,
+    out: str,
+    training_tokens: int,
+    buffer_size_gb: float,
+    batch: int,
+    context: int,
+    hook: str = HOOK,
+) -> dict:
     """sae_cache end to end with its stages instrumented (wall and thread CPU per stage), shuffle=False."""
     import torch
 
@@ -320,11 +397,22 @@ def task_breakdown(data: str, kind: str, out: str, training_tokens: int, buffer_
     from sae_cache import store as store_module
     from sae_cache import writer as writer_module
 
-    stages = {name: _Stage() for name in (
-        "forward pass (capture)", "statistics (HookStats.per_unit)", "statistics (HookStats.add)", "overflow check",
-        "copy into host buffer (_copy, incl. add)", "token rows (dataset iteration)", "wait for a free buffer (acquire)",
-        "hand buffer to writer (submit)", "writer thread: write shard (_write)", "publish (stage + metadata + swap)",
-        "load_from_disk at the end")}
+    stages = {
+        name: _Stage()
+        for name in (
+            "forward pass (capture)",
+            "statistics (HookStats.per_unit)",
+            "statistics (HookStats.add)",
+            "overflow check",
+            "copy into host buffer (_copy, incl. add)",
+            "token rows (dataset iteration)",
+            "wait for a free buffer (acquire)",
+            "hand buffer to writer (submit)",
+            "writer thread: write shard (_write)",
+            "publish (stage + metadata + swap)",
+            "load_from_disk at the end",
+        )
+    }
     patches = [
         (store_module.HookCapture, "__call__", stages["forward pass (capture)"]),
         (store_module.ActivationsStore, "_check_overflow", stages["overflow check"]),
@@ -338,7 +426,9 @@ def task_breakdown(data: str, kind: str, out: str, training_tokens: int, buffer_
     ]
     for owner, name, stage in patches:
         setattr(owner, name, stage.wrap(getattr(owner, name)))
-    store_module.HookStats.per_unit = staticmethod(stages["statistics (HookStats.per_unit)"].wrap(store_module.HookStats.per_unit))
+    store_module.HookStats.per_unit = staticmethod(
+        stages["statistics (HookStats.per_unit)"].wrap(store_module.HookStats.per_unit)
+    )
     rows_stage = stages["token rows (dataset iteration)"]
     original_token_rows = runner_module.token_rows
 
@@ -361,9 +451,17 @@ def task_breakdown(data: str, kind: str, out: str, training_tokens: int, buffer_
     dataset = _load_rows(data)
     warm_up(model, batch, context, hook)
     cfg = CacheActivationsRunnerConfig(
-        model_name="bench-model", hook_name=hook, d_in=D_MODEL, training_tokens=training_tokens, context_size=context,
-        model_batch_size=batch, new_cached_activations_path=out, shuffle=False, device="cpu",
-        buffer_size_gb=buffer_size_gb, overwrite=True,
+        model_name="bench-model",
+        hook_name=hook,
+        d_in=D_MODEL,
+        training_tokens=training_tokens,
+        context_size=context,
+        model_batch_size=batch,
+        new_cached_activations_path=out,
+        shuffle=False,
+        device="cpu",
+        buffer_size_gb=buffer_size_gb,
+        overwrite=True,
     )
     sampler = _RssSampler()
     main_cpu0 = time.thread_time()
@@ -371,11 +469,16 @@ def task_breakdown(data: str, kind: str, out: str, training_tokens: int, buffer_
         CacheActivationsRunner(cfg, override_dataset=dataset, model=model).run()
     main_cpu = time.thread_time() - main_cpu0
     shutil.rmtree(out, ignore_errors=True)
-    return t.result(tokens=training_tokens // context * context, main_thread_cpu_s=main_cpu,
-                    stages={k: {"wall": v.wall, "cpu": v.cpu, "calls": v.calls} for k, v in stages.items()},
-                    torch_threads_used=torch.get_num_threads(), peak_anon_mib=sampler.peak["RssAnon"],
-                    peak_file_mib=sampler.peak["RssFile"], anon_at_start_mib=sampler.start["RssAnon"],
-                    file_at_start_mib=sampler.start["RssFile"])
+    return t.result(
+        tokens=training_tokens // context * context,
+        main_thread_cpu_s=main_cpu,
+        stages={k: {"wall": v.wall, "cpu": v.cpu, "calls": v.calls} for k, v in stages.items()},
+        torch_threads_used=torch.get_num_threads(),
+        peak_anon_mib=sampler.peak["RssAnon"],
+        peak_file_mib=sampler.peak["RssFile"],
+        anon_at_start_mib=sampler.start["RssAnon"],
+        file_at_start_mib=sampler.start["RssFile"],
+    )
 
 
 # -- (c) the writer alone ---------------------------------------------------------------------------
@@ -415,15 +518,20 @@ def task_write(mode: str, directory: str, buffer_mib: int, n_buffers: int, conte
         elif mode == "arrow":
             for i in range(n_buffers):
                 write_arrow_file(out / f"data-{i:05d}.arrow", features, columns)
-        elif mode in ("shardwriter", "shardwriter_direct"):  # each buffer in the runner's pieces (a quarter buffer, <= 64 MiB)
+        elif mode in (
+            "shardwriter",
+            "shardwriter_direct",
+        ):  # each buffer in the runner's pieces (a quarter buffer, <= 64 MiB)
             tensors = {k: torch.from_numpy(v) for k, v in columns.items()}
             piece = max(1, min(-(-rows // 4), (64 * MiB) // (context * D_MODEL * 4)))
             with ShardWriter(out, features, direct_io=mode == "shardwriter_direct") as writer:
                 for i in range(n_buffers):
                     for start in range(0, rows, piece):
                         part = {k: v[start : start + piece] for k, v in tensors.items()}
-                        writer.submit(Buffer(i, part, len(part["token_ids"]), first=start == 0, last=start + piece >= rows),
-                                      {"stats": {}})
+                        writer.submit(
+                            Buffer(i, part, len(part["token_ids"]), first=start == 0, last=start + piece >= rows),
+                            {"stats": {}},
+                        )
         elif mode == "datasets":  # SAELens's path: Dataset.from_dict(tensors).save_to_disk (no fsync)
             from datasets import Dataset
 
@@ -436,8 +544,13 @@ def task_write(mode: str, directory: str, buffer_mib: int, n_buffers: int, conte
     data_bytes = sum(p.stat().st_size for p in files if p.suffix in (".arrow", ".bin"))
     shutil.rmtree(out, ignore_errors=True)
     del columns
-    return t.result(bytes=payload * n_buffers, act_bytes=rows * context * D_MODEL * 4 * n_buffers,
-                    data_bytes=data_bytes, rows=rows, np_version=np.__version__)
+    return t.result(
+        bytes=payload * n_buffers,
+        act_bytes=rows * context * D_MODEL * 4 * n_buffers,
+        data_bytes=data_bytes,
+        rows=rows,
+        np_version=np.__version__,
+    )
 
 
 # -- (f) the shuffle and (g) the reader: synthetic caches ------------------------------------------
@@ -457,18 +570,33 @@ def task_make_shards(directory: str, shard_mib: int, n_shards: int, context: int
     names = []
     with Timed() as t:
         for i in range(n_shards):
-            columns["token_ids"] = (np.arange(rows * context, dtype=np.int32) + i * rows * context).reshape(rows, context)
+            columns["token_ids"] = (np.arange(rows * context, dtype=np.int32) + i * rows * context).reshape(
+                rows, context
+            )
             name = data_file_name(i, n_shards) if as_cache else f"shard_{i:05d}.arrow"
             write_arrow_file(out / name, features, columns)
             names.append(name)
         if as_cache:
             write_dataset_files(out, features, names, fingerprint="benchmark")
-    return t.result(files=[str(out / n) for n in names], rows_per_file=rows, n_rows=rows * n_shards,
-                    bytes=sum((out / n).stat().st_size for n in names))
+    return t.result(
+        files=[str(out / n) for n in names],
+        rows_per_file=rows,
+        n_rows=rows * n_shards,
+        bytes=sum((out / n).stat().st_size for n in names),
+    )
 
 
-def task_shuffle(shards: list[str], out: str, scratch: str, rows_per_file: int, n_rows: int, context: int,
-                 across: bool = False, seed: int = 42, direct_io: bool = True) -> dict:
+def task_shuffle(
+    shards: list[str],
+    out: str,
+    scratch: str,
+    rows_per_file: int,
+    n_rows: int,
+    context: int,
+    across: bool = False,
+    seed: int = 42,
+    direct_io: bool = True,
+) -> dict:
     """sae_cache.shuffle.shuffle_shards alone, with the runner's bucket size (a quarter of a buffer) and output writes."""
     from sae_cache.arrow_format import cache_features
     from sae_cache.shuffle import _bytes_per_row, shuffle_shards
@@ -479,9 +607,18 @@ def task_shuffle(shards: list[str], out: str, scratch: str, rows_per_file: int, 
     bucket_bytes = rows_per_file * _bytes_per_row(features) // 4
     _warm(shards)
     with Timed() as t:
-        names = shuffle_shards([Path(s) for s in shards], features=features, seed=seed, across_sequences=across,
-                               rows_per_file=rows_per_file, n_rows=n_rows, scratch=Path(scratch), out_dir=out_dir,
-                               bucket_bytes=bucket_bytes, direct_io=direct_io)
+        names = shuffle_shards(
+            [Path(s) for s in shards],
+            features=features,
+            seed=seed,
+            across_sequences=across,
+            rows_per_file=rows_per_file,
+            n_rows=n_rows,
+            scratch=Path(scratch),
+            out_dir=out_dir,
+            bucket_bytes=bucket_bytes,
+            direct_io=direct_io,
+        )
     written = sum((out_dir / n).stat().st_size for n in names)
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -552,7 +689,7 @@ def task_read(cache: str, mode: str, batch_tokens: int, n_tokens: int) -> dict:
     return t.result(tokens=tokens, file_bytes=file_bytes, read_bytes=tokens * (D_MODEL * 4 + 4))
 
 
-TASKS = {name[len("task_"):]: fn for name, fn in globals().items() if name.startswith("task_")}
+TASKS = {name[len("task_") :]: fn for name, fn in globals().items() if name.startswith("task_")}
 
 
 def main() -> None:
@@ -565,8 +702,14 @@ def main() -> None:
     load = os.getloadavg()
     result = TASKS[task](**kwargs)
     status = proc_status()
-    result.update(hwm_mib=status["VmHWM"], rss_end_mib=status["VmRSS"], rss_file_end_mib=status.get("RssFile", 0.0),
-                  load=load, task=task, torch_threads=torch.get_num_threads())
+    result.update(
+        hwm_mib=status["VmHWM"],
+        rss_end_mib=status["VmRSS"],
+        rss_file_end_mib=status.get("RssFile", 0.0),
+        load=load,
+        task=task,
+        torch_threads=torch.get_num_threads(),
+    )
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -54,8 +54,15 @@ def main(argv: list[str] | None = None) -> list[Verdict]:
         specs = {
             "forward loop": dict(task="forward", n_rows=n_rows, **common),
             "forward loop, 2 threads": dict(task="forward", n_rows=n_rows, streams=2, **common),
-            "sae_cache": dict(task="sae_cache", out=str(tmp / "cache"), training_tokens=n_rows * CONTEXT,
-                              buffer_size_gb=buffer_mib * MiB / GB, shuffle=False, context=CONTEXT, **common),
+            "sae_cache": dict(
+                task="sae_cache",
+                out=str(tmp / "cache"),
+                training_tokens=n_rows * CONTEXT,
+                buffer_size_gb=buffer_mib * MiB / GB,
+                shuffle=False,
+                context=CONTEXT,
+                **common,
+            ),
         }
         runs = alternate(specs, reps)
     plain, two, cache = (best(runs[name]) for name in FORWARD + ("sae_cache",))
@@ -71,18 +78,37 @@ def main(argv: list[str] | None = None) -> list[Verdict]:
     )
     rows = []
     for name, r in ((FORWARD[0], plain), (FORWARD[1], two), ("sae_cache", cache)):
-        rows.append([
-            name, f0(r["tokens"]), f2(r["seconds"]), times(runs[name]), f0(r["tokens"] / r["seconds"]),
-            f2(r["cpu_s"]), f0(r["hwm_mib"]), f3(r["disk_bytes"] / r["raw_act_bytes"]) if "disk_bytes" in r else "-",
-        ])
+        rows.append(
+            [
+                name,
+                f0(r["tokens"]),
+                f2(r["seconds"]),
+                times(runs[name]),
+                f0(r["tokens"] / r["seconds"]),
+                f2(r["cpu_s"]),
+                f0(r["hwm_mib"]),
+                f3(r["disk_bytes"] / r["raw_act_bytes"]) if "disk_bytes" in r else "-",
+            ]
+        )
     table(["run", "tokens", "best s", "all runs s", "tokens/s", "CPU s", "peak RSS MiB", "disk / raw acts"], rows)
-    print(f"\nsae_cache / faster forward loop ({fwd_name}) tokens/s: **{ratio:.3f}** (best vs best; paired runs "
-          f"{', '.join(f'{x:.3f}' for x in paired)}); sae_cache / plain forward loop: {plain['seconds'] / cache['seconds']:.3f}; "
-          f"2 threads / plain forward loop: {plain['seconds'] / two['seconds']:.3f}")
+    print(
+        f"\nsae_cache / faster forward loop ({fwd_name}) tokens/s: **{ratio:.3f}** (best vs best; paired runs "
+        f"{', '.join(f'{x:.3f}' for x in paired)}); sae_cache / plain forward loop: {plain['seconds'] / cache['seconds']:.3f}; "
+        f"2 threads / plain forward loop: {plain['seconds'] / two['seconds']:.3f}"
+    )
     return [
-        Verdict("1a sae_cache / faster forward loop tokens/s", f"{ratio:.3f}", f">= {TARGET}", None if args.quick else ratio >= TARGET),
-        Verdict("1d disk / raw activation bytes (1a run)", f"{cache['disk_bytes'] / cache['raw_act_bytes']:.4f}", "<= 1.02",
-                cache["disk_bytes"] / cache["raw_act_bytes"] <= 1.02),
+        Verdict(
+            "1a sae_cache / faster forward loop tokens/s",
+            f"{ratio:.3f}",
+            f">= {TARGET}",
+            None if args.quick else ratio >= TARGET,
+        ),
+        Verdict(
+            "1d disk / raw activation bytes (1a run)",
+            f"{cache['disk_bytes'] / cache['raw_act_bytes']:.4f}",
+            "<= 1.02",
+            cache["disk_bytes"] / cache["raw_act_bytes"] <= 1.02,
+        ),
     ]
 
 

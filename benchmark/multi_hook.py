@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from benchmark._random import CONTEXT
+
 ONE = ["blocks.3.hook_resid_post"]
 FOUR = [f"blocks.{i}.hook_resid_post" for i in range(4)]
 
@@ -33,8 +34,16 @@ def _worker(out: str, tokens: int, hooks: list[str]) -> None:
     model = demo_shaped_model()
     data, rows = token_dataset(tokens)
     cfg = CacheActivationsRunnerConfig(
-        dataset_path="random", model_name="random", hook_name=hooks, context_size=CONTEXT, training_tokens=rows * CONTEXT,
-        model_batch_size=32, new_cached_activations_path=out, shuffle=False, device="cpu", buffer_size_gb=0.25,
+        dataset_path="random",
+        model_name="random",
+        hook_name=hooks,
+        context_size=CONTEXT,
+        training_tokens=rows * CONTEXT,
+        model_batch_size=32,
+        new_cached_activations_path=out,
+        shuffle=False,
+        device="cpu",
+        buffer_size_gb=0.25,
     )
     runner = CacheActivationsRunner(cfg, override_dataset=data, model=model)
     runner.plan  # resolve (model, data) before the clock starts
@@ -45,11 +54,21 @@ def _worker(out: str, tokens: int, hooks: list[str]) -> None:
 
 def _run(hooks: list[str], tokens: int, scratch: Path) -> float:
     out = scratch / f"hooks{len(hooks)}"
-    cmd = [sys.executable, "-m", "benchmark.multi_hook", "--worker", str(out), "--tokens", str(tokens), "--hooks", ",".join(hooks)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmark.multi_hook",
+        "--worker",
+        str(out),
+        "--tokens",
+        str(tokens),
+        "--hooks",
+        ",".join(hooks),
+    ]
     result = subprocess.run(cmd, check=True, capture_output=True, text=True)
     shutil.rmtree(out)
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])["seconds"]
+    return json.loads(line[len("RESULT ") :])["seconds"]
 
 
 def main() -> None:
@@ -67,15 +86,19 @@ def main() -> None:
     times: dict[int, list[float]] = {1: [], 4: []}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(reps):
-            for hooks in ([ONE, FOUR] if rep % 2 == 0 else [FOUR, ONE]):
+            for hooks in [ONE, FOUR] if rep % 2 == 0 else [FOUR, ONE]:
                 times[len(hooks)].append(_run(hooks, tokens, Path(tmp)))
     one, four = min(times[1]), min(times[4])
-    print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores, {tokens:,} tokens, context {CONTEXT}, best of {reps}\n")
+    print(
+        f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores, {tokens:,} tokens, context {CONTEXT}, best of {reps}\n"
+    )
     print("| hooks | seconds | tokens/s | vs 1 hook | target |")
     print("|---|---|---|---|---|")
     print(f"| 1 ({ONE[0]}) | {one:.1f} | {tokens / one:,.0f} | 1.00 | |")
     verdict = "met" if four / one <= 1.3 else "NOT met"
-    print(f"| 4 (blocks.0-3.hook_resid_post) | {four:.1f} | {tokens / four:,.0f} | {four / one:.2f} | <= 1.3 ({verdict}) |")
+    print(
+        f"| 4 (blocks.0-3.hook_resid_post) | {four:.1f} | {tokens / four:,.0f} | {four / one:.2f} | <= 1.3 ({verdict}) |"
+    )
 
 
 if __name__ == "__main__":

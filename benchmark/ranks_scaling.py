@@ -34,9 +34,16 @@ def _worker(out: str, tokens: int, threads: int) -> None:
     model = demo_shaped_model()
     data, rows = token_dataset(tokens)
     cfg = CacheActivationsRunnerConfig(
-        dataset_path="random", model_name="random", hook_name="blocks.1.hook_resid_post", context_size=CONTEXT,
-        training_tokens=rows * CONTEXT, model_batch_size=32, new_cached_activations_path=out, shuffle=False,
-        device="cpu", buffer_size_gb=0.25,
+        dataset_path="random",
+        model_name="random",
+        hook_name="blocks.1.hook_resid_post",
+        context_size=CONTEXT,
+        training_tokens=rows * CONTEXT,
+        model_batch_size=32,
+        new_cached_activations_path=out,
+        shuffle=False,
+        device="cpu",
+        buffer_size_gb=0.25,
     )
     CacheActivationsRunner(cfg, override_dataset=data, model=model).run()
 
@@ -44,8 +51,23 @@ def _worker(out: str, tokens: int, threads: int) -> None:
 def _run(n_ranks: int, tokens: int, scratch: Path) -> float:
     out = scratch / f"ranks{n_ranks}"
     threads = max(1, (os.cpu_count() or 1) // n_ranks)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n_ranks), "--master_port", str(29500 + n_ranks),
-           "-m", "benchmark.ranks_scaling", "--worker", str(out), "--tokens", str(tokens), "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(n_ranks),
+        "--master_port",
+        str(29500 + n_ranks),
+        "-m",
+        "benchmark.ranks_scaling",
+        "--worker",
+        str(out),
+        "--tokens",
+        str(tokens),
+        "--threads",
+        str(threads),
+    ]
     started = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     elapsed = time.perf_counter() - started

@@ -18,7 +18,22 @@ throughput against a raw read of the same bytes (no numeric target).
 
 from __future__ import annotations
 
-from benchmark._common import CONTEXT, Verdict, alternate, best, f0, f2, f3, header, parse, parser, run_worker, scratch, table, times
+from benchmark._common import (
+    CONTEXT,
+    Verdict,
+    alternate,
+    best,
+    f0,
+    f2,
+    f3,
+    header,
+    parse,
+    parser,
+    run_worker,
+    scratch,
+    table,
+    times,
+)
 
 
 def main(argv: list[str] | None = None) -> list[Verdict]:
@@ -38,12 +53,24 @@ def main(argv: list[str] | None = None) -> list[Verdict]:
         "reader, shuffled (+ copy)": "reader_shuffled",
     }
     with scratch("reader") as tmp:
-        cache = run_worker("make_shards", directory=str(tmp / "cache"), shard_mib=file_mib, n_shards=n_files, context=CONTEXT,
-                           as_cache=True)
+        cache = run_worker(
+            "make_shards",
+            directory=str(tmp / "cache"),
+            shard_mib=file_mib,
+            n_shards=n_files,
+            context=CONTEXT,
+            as_cache=True,
+        )
         n_tokens = cache["n_rows"] * CONTEXT
-        specs = {name: dict(task="read", cache=str(tmp / "cache"), mode=mode, batch_tokens=args.batch_tokens, n_tokens=n_tokens)
-                 for name, mode in modes.items()}
-        run_worker("read", cache=str(tmp / "cache"), mode="raw_readinto", batch_tokens=args.batch_tokens, n_tokens=n_tokens)  # warm
+        specs = {
+            name: dict(
+                task="read", cache=str(tmp / "cache"), mode=mode, batch_tokens=args.batch_tokens, n_tokens=n_tokens
+            )
+            for name, mode in modes.items()
+        }
+        run_worker(
+            "read", cache=str(tmp / "cache"), mode="raw_readinto", batch_tokens=args.batch_tokens, n_tokens=n_tokens
+        )  # warm
         runs = alternate(specs, reps)
     header(
         "(g) the reader vs a raw read of the same bytes",
@@ -56,10 +83,35 @@ def main(argv: list[str] | None = None) -> list[Verdict]:
     for name in modes:
         r = best(runs[name])
         rate = r["tokens"] / r["seconds"]
-        rows.append([name, f0(r["tokens"]), f3(r["seconds"]), times(runs[name]), f0(rate), f0(rate * (256 * 4 + 4) / 1e6),
-                     f3(rate / raw_rate), f2(r["cpu_s"]), f0(r["hwm_mib"]), f0(r["rss_file_end_mib"])])
-    table(["read", "tokens", "best s", "all runs s", "tokens/s", "MB/s", "vs raw readinto", "CPU s", "peak RSS MiB",
-           "file-backed RSS at end MiB"], rows)
+        rows.append(
+            [
+                name,
+                f0(r["tokens"]),
+                f3(r["seconds"]),
+                times(runs[name]),
+                f0(rate),
+                f0(rate * (256 * 4 + 4) / 1e6),
+                f3(rate / raw_rate),
+                f2(r["cpu_s"]),
+                f0(r["hwm_mib"]),
+                f0(r["rss_file_end_mib"]),
+            ]
+        )
+    table(
+        [
+            "read",
+            "tokens",
+            "best s",
+            "all runs s",
+            "tokens/s",
+            "MB/s",
+            "vs raw readinto",
+            "CPU s",
+            "peak RSS MiB",
+            "file-backed RSS at end MiB",
+        ],
+        rows,
+    )
     ordered = best(runs["reader, file order (+ copy)"])
     shuffled = best(runs["reader, shuffled (+ copy)"])
     r_o = ordered["tokens"] / ordered["seconds"] / raw_rate

@@ -31,11 +31,14 @@ SUITE = {
 
 def git_state() -> str:
     """The commit measured, and whether the working tree differs from it."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO_ROOT).stdout.strip()
 
     dirty = git("status", "--porcelain", "--", "sae_cache")
-    return f"commit {git('rev-parse', '--short', 'HEAD') or 'unknown'}" + (" (sae_cache/ has uncommitted changes)" if dirty else "")
+    return f"commit {git('rev-parse', '--short', 'HEAD') or 'unknown'}" + (
+        " (sae_cache/ has uncommitted changes)" if dirty else ""
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,8 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     skip = {x for x in args.skip.split(",") if x}
     info = machine()
     print("## sae_cache benchmarks" + (" (--quick)" if args.quick else ""))
-    print(f"\nmachine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']:.1f} GiB RAM, Python {platform.python_version()}, "
-          f"load average at start {' '.join(f'{x:.2f}' for x in info['load'])}")
+    print(
+        f"\nmachine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']:.1f} GiB RAM, Python {platform.python_version()}, "
+        f"load average at start {' '.join(f'{x:.2f}' for x in info['load'])}"
+    )
     print(f"sae_cache at {git_state()}")
     verdicts, started = [], time.perf_counter()
     for key in only:
@@ -58,11 +63,15 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"\n[run_all] {key}: {SUITE[key].__name__}", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        verdicts += SUITE[key].main((["--quick"] if args.quick else []) + ([f"--threads={args.threads}"] if args.threads else []))
+        verdicts += SUITE[key].main(
+            (["--quick"] if args.quick else []) + ([f"--threads={args.threads}"] if args.threads else [])
+        )
         print(f"[run_all] {key} took {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     header("targets of issue 3", f"whole suite: {time.perf_counter() - started:.0f} s")
     verdict_table(verdicts)
-    print("\nThe GPU figure (issue 3, item 5: benchmark (a) on a GPU with a GPT-2-small-sized model) is not measured by this suite.")
+    print(
+        "\nThe GPU figure (issue 3, item 5: benchmark (a) on a GPU with a GPT-2-small-sized model) is not measured by this suite."
+    )
 
 
 if __name__ == "__main__":

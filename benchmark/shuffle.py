@@ -43,25 +43,50 @@ from benchmark._common import (
 )
 
 TIME_TARGET = 3.0
-PAGE_CACHE = "shuffle_shards (rows), direct_io=False"  # for reference: output through the page cache, as before session 4
+PAGE_CACHE = (
+    "shuffle_shards (rows), direct_io=False"  # for reference: output through the page cache, as before session 4
+)
 
 
 def end_to_end(tmp, n_rows: int, buffer_mib: int, reps: int) -> tuple[dict, dict]:
     data = prepare_tokens(tmp, n_rows)
-    common = dict(task="sae_cache", data=data["path"], kind=data["kind"], batch=BATCH, context=CONTEXT,
-                  training_tokens=n_rows * CONTEXT, buffer_size_gb=buffer_mib * MiB / GB, out=str(tmp / "cache"))
-    runs = alternate({"shuffle=False": dict(shuffle=False, **common), "shuffle=True": dict(shuffle=True, **common)}, reps)
+    common = dict(
+        task="sae_cache",
+        data=data["path"],
+        kind=data["kind"],
+        batch=BATCH,
+        context=CONTEXT,
+        training_tokens=n_rows * CONTEXT,
+        buffer_size_gb=buffer_mib * MiB / GB,
+        out=str(tmp / "cache"),
+    )
+    runs = alternate(
+        {"shuffle=False": dict(shuffle=False, **common), "shuffle=True": dict(shuffle=True, **common)}, reps
+    )
     return data, runs
 
 
 def alone(tmp, shard_mib: int, n_shards: int, reps: int, across_too: bool) -> dict:
-    shards = run_worker("make_shards", directory=str(tmp / f"shards_{n_shards}"), shard_mib=shard_mib, n_shards=n_shards,
-                        context=CONTEXT, as_cache=False)
+    shards = run_worker(
+        "make_shards",
+        directory=str(tmp / f"shards_{n_shards}"),
+        shard_mib=shard_mib,
+        n_shards=n_shards,
+        context=CONTEXT,
+        as_cache=False,
+    )
     common = dict(shards=shards["files"])
     specs = {
         "copy + fsync": dict(task="copy", out=str(tmp / "copy"), **common),
-        "shuffle_shards (rows)": dict(task="shuffle", out=str(tmp / "shuffled"), scratch=str(tmp / "scratch"),
-                                      rows_per_file=shards["rows_per_file"], n_rows=shards["n_rows"], context=CONTEXT, **common),
+        "shuffle_shards (rows)": dict(
+            task="shuffle",
+            out=str(tmp / "shuffled"),
+            scratch=str(tmp / "scratch"),
+            rows_per_file=shards["rows_per_file"],
+            n_rows=shards["n_rows"],
+            context=CONTEXT,
+            **common,
+        ),
     }
     if across_too:
         specs["shuffle_shards (across sequences)"] = dict(specs["shuffle_shards (rows)"], across=True)
@@ -93,32 +118,87 @@ def main(argv: list[str] | None = None) -> list[Verdict]:
     if e2e is not None:
         data, runs = e2e
         off, on = best(runs["shuffle=False"]), best(runs["shuffle=True"])
-        header("(f1) shuffle=True vs shuffle=False end to end",
-               f"sae_cache, model: {data['kind']}, {n_rows:,} rows x {CONTEXT} tokens, buffer {buffer_mib} MiB; best of {reps}; {threads_text(off)}")
-        table(["run", "tokens", "best s", "all runs s", "tokens/s", "CPU s", "model RSS MiB", "peak RSS MiB", "disk / raw acts"],
-              [[name, f0(r["tokens"]), f2(r["seconds"]), times(runs[name]), f0(r["tokens"] / r["seconds"]), f2(r["cpu_s"]),
-                f0(r["base_hwm_mib"]), f0(r["hwm_mib"]), f3(r["disk_bytes"] / r["raw_act_bytes"])]
-               for name, r in (("shuffle=False", off), ("shuffle=True", on))])
-        print(f"\nshuffle=True / shuffle=False time: **{on['seconds'] / off['seconds']:.3f}** "
-              f"(the shuffle added {on['seconds'] - off['seconds']:+.2f} s for {on['disk_bytes'] / 1e6:,.0f} MB of cache)")
-        verdicts.append(Verdict("1f shuffle=True / False end to end (time)", f"{on['seconds'] / off['seconds']:.3f}", "(context)", None))
+        header(
+            "(f1) shuffle=True vs shuffle=False end to end",
+            f"sae_cache, model: {data['kind']}, {n_rows:,} rows x {CONTEXT} tokens, buffer {buffer_mib} MiB; best of {reps}; {threads_text(off)}",
+        )
+        table(
+            [
+                "run",
+                "tokens",
+                "best s",
+                "all runs s",
+                "tokens/s",
+                "CPU s",
+                "model RSS MiB",
+                "peak RSS MiB",
+                "disk / raw acts",
+            ],
+            [
+                [
+                    name,
+                    f0(r["tokens"]),
+                    f2(r["seconds"]),
+                    times(runs[name]),
+                    f0(r["tokens"] / r["seconds"]),
+                    f2(r["cpu_s"]),
+                    f0(r["base_hwm_mib"]),
+                    f0(r["hwm_mib"]),
+                    f3(r["disk_bytes"] / r["raw_act_bytes"]),
+                ]
+                for name, r in (("shuffle=False", off), ("shuffle=True", on))
+            ],
+        )
+        print(
+            f"\nshuffle=True / shuffle=False time: **{on['seconds'] / off['seconds']:.3f}** "
+            f"(the shuffle added {on['seconds'] - off['seconds']:+.2f} s for {on['disk_bytes'] / 1e6:,.0f} MB of cache)"
+        )
+        verdicts.append(
+            Verdict(
+                "1f shuffle=True / False end to end (time)", f"{on['seconds'] / off['seconds']:.3f}", "(context)", None
+            )
+        )
     budget_mib = shard_mib + 0.5 * GB / MiB
-    header("(f2) shuffle_shards alone vs one plain copy of the shards",
-           f"synthetic shards of {shard_mib} MiB activations (the buffer), rows of {CONTEXT} x 256 float32; bucket = buffer / 4; "
-           f"best of {reps}; RSS target = one buffer + 0.5 GB = {budget_mib:,.0f} MiB")
+    header(
+        "(f2) shuffle_shards alone vs one plain copy of the shards",
+        f"synthetic shards of {shard_mib} MiB activations (the buffer), rows of {CONTEXT} x 256 float32; bucket = buffer / 4; "
+        f"best of {reps}; RSS target = one buffer + 0.5 GB = {budget_mib:,.0f} MiB",
+    )
     rows = []
     for res in alones:
         copy = best(res["runs"]["copy + fsync"])
         for name, runs in res["runs"].items():
             r = best(runs)
-            rows.append([f"{res['n_shards']} x {shard_mib} MiB ({res['bytes'] / 1e9:.2f} GB)", name, f2(r["seconds"]), times(runs),
-                         f0(r["bytes"] / 1e6 / r["seconds"]), f2(r["seconds"] / copy["seconds"]), f2(r["cpu_s"]), f0(r["hwm_mib"])])
+            rows.append(
+                [
+                    f"{res['n_shards']} x {shard_mib} MiB ({res['bytes'] / 1e9:.2f} GB)",
+                    name,
+                    f2(r["seconds"]),
+                    times(runs),
+                    f0(r["bytes"] / 1e6 / r["seconds"]),
+                    f2(r["seconds"] / copy["seconds"]),
+                    f2(r["cpu_s"]),
+                    f0(r["hwm_mib"]),
+                ]
+            )
             if name not in ("copy + fsync", PAGE_CACHE):
                 ratio = r["seconds"] / copy["seconds"]
-                verdicts.append(Verdict(f"1f {name} / copy time ({res['bytes'] / 1e9:.2f} GB)", f"{ratio:.2f}x",
-                                        f"<= {TIME_TARGET}x", quick and ratio <= TIME_TARGET))
-                verdicts.append(Verdict(f"1f {name} peak RSS ({res['bytes'] / 1e9:.2f} GB)", f"{r['hwm_mib']:,.0f} MiB",
-                                        f"<= {budget_mib:,.0f} MiB", r["hwm_mib"] <= budget_mib))
+                verdicts.append(
+                    Verdict(
+                        f"1f {name} / copy time ({res['bytes'] / 1e9:.2f} GB)",
+                        f"{ratio:.2f}x",
+                        f"<= {TIME_TARGET}x",
+                        quick and ratio <= TIME_TARGET,
+                    )
+                )
+                verdicts.append(
+                    Verdict(
+                        f"1f {name} peak RSS ({res['bytes'] / 1e9:.2f} GB)",
+                        f"{r['hwm_mib']:,.0f} MiB",
+                        f"<= {budget_mib:,.0f} MiB",
+                        r["hwm_mib"] <= budget_mib,
+                    )
+                )
     table(["cache", "run", "best s", "all runs s", "MB/s", "vs copy", "CPU s", "peak RSS MiB"], rows)
     return verdicts
 

@@ -63,8 +63,14 @@ def run_setting(tmp, label: str, buffer_size_gb: float, n_buffers: int, reps: in
     tokens = saelens_tokens_per_buffer(buffer_size_gb) * n_buffers
     n_rows = tokens // CONTEXT
     data = prepare_tokens(tmp, n_rows)
-    common = dict(data=data["path"], kind=data["kind"], batch=BATCH, context=CONTEXT, training_tokens=tokens,
-                  buffer_size_gb=buffer_size_gb)
+    common = dict(
+        data=data["path"],
+        kind=data["kind"],
+        batch=BATCH,
+        context=CONTEXT,
+        training_tokens=tokens,
+        buffer_size_gb=buffer_size_gb,
+    )
     specs = {
         "sae_cache": dict(task="sae_cache", out=str(tmp / "sae_cache_out"), shuffle=False, **common),
         "SAELens": dict(task="saelens", out=str(tmp / "saelens_out"), **common),
@@ -72,9 +78,18 @@ def run_setting(tmp, label: str, buffer_size_gb: float, n_buffers: int, reps: in
     if with_forward:  # the model's own memory: weights + a forward pass's working memory, batch after batch
         specs["sae_cache, forward_threads=1"] = dict(specs["sae_cache"], forward_threads=1)
         for name, streams in MODEL_OF.items():
-            specs[name] = dict(task="forward", data=data["path"], kind=data["kind"], batch=BATCH, n_rows=n_rows, streams=streams)
+            specs[name] = dict(
+                task="forward", data=data["path"], kind=data["kind"], batch=BATCH, n_rows=n_rows, streams=streams
+            )
     print(f"(b) {label}: {tokens:,} tokens, buffer_size_gb={buffer_size_gb:g}", flush=True)
-    return {"label": label, "gb": buffer_size_gb, "tokens": tokens, "data": data, "reps": reps, "runs": alternate(specs, reps)}
+    return {
+        "label": label,
+        "gb": buffer_size_gb,
+        "tokens": tokens,
+        "data": data,
+        "reps": reps,
+        "runs": alternate(specs, reps),
+    }
 
 
 def main(argv: list[str] | None = None) -> list[Verdict]:
@@ -84,7 +99,10 @@ def main(argv: list[str] | None = None) -> list[Verdict]:
     args = parse(p, argv)
     reps = args.reps or (1 if args.quick else 3)
     if args.quick:  # SAELens needs at least one batch (4 MiB) per buffer
-        settings = [("small (quick: 4 MiB)", 4 * MiB / GB, 4, reps, True), ("default (quick: 8 MiB)", 8 * MiB / GB, 2, reps, False)]
+        settings = [
+            ("small (quick: 4 MiB)", 4 * MiB / GB, 4, reps, True),
+            ("default (quick: 8 MiB)", 8 * MiB / GB, 2, reps, False),
+        ]
     else:
         settings = [("64 MiB", 64 * MiB / GB, 8, reps, True)]
         if not args.skip_default:
@@ -110,36 +128,79 @@ def main(argv: list[str] | None = None) -> list[Verdict]:
         for name in (n for n in RUNS if n in res["runs"]):
             r = best(res["runs"][name])
             model = model_mib[model_loop(name, r)] if name.startswith("sae_cache") else model_mib["forward loop"]
-            rows.append([
-                res["label"], name, f0(r["tokens"]), f2(r["seconds"]), times(res["runs"][name]),
-                f0(r["tokens"] / r["seconds"]), f2(r["cpu_s"]), f0(r["base_hwm_mib"]), f0(r["hwm_mib"]),
-                f0(r["hwm_mib"] - model), f0(model + budget_mib),
-                f3(r["disk_bytes"] / r["raw_act_bytes"]) if "disk_bytes" in r else "-",
-            ])
+            rows.append(
+                [
+                    res["label"],
+                    name,
+                    f0(r["tokens"]),
+                    f2(r["seconds"]),
+                    times(res["runs"][name]),
+                    f0(r["tokens"] / r["seconds"]),
+                    f2(r["cpu_s"]),
+                    f0(r["base_hwm_mib"]),
+                    f0(r["hwm_mib"]),
+                    f0(r["hwm_mib"] - model),
+                    f0(model + budget_mib),
+                    f3(r["disk_bytes"] / r["raw_act_bytes"]) if "disk_bytes" in r else "-",
+                ]
+            )
             if not name.startswith("sae_cache"):
                 continue
             speed = (r["tokens"] / r["seconds"]) / (theirs["tokens"] / theirs["seconds"])
             res["speeds"][name] = speed
             setting = f"{res['label']}, {name}"
-            default = name == "sae_cache"  # the target is the tool as shipped; forward_threads=1 shows what the threads add
-            verdicts.append(Verdict(f"1b {name} / SAELens tokens/s ({res['label']})", f"{speed:.2f}x",
-                                    f">= {SPEED_TARGET}x" if default else "(context: not the default)",
-                                    quick and speed >= SPEED_TARGET if default else None))
-            verdicts.append(Verdict(f"1b peak RSS ({setting})",
-                                    f"{r['hwm_mib']:,.0f} MiB (SAELens {theirs['hwm_mib']:,.0f}); "
-                                    f"{r['hwm_mib'] - r['base_hwm_mib']:+,.0f} over its own pre-run peak",
-                                    f"<= {model + budget_mib:,.0f} MiB (2 x buffer + model {model:,.0f}, {model_loop(name, r)})",
-                                    r["hwm_mib"] <= model + budget_mib))
+            default = (
+                name == "sae_cache"
+            )  # the target is the tool as shipped; forward_threads=1 shows what the threads add
+            verdicts.append(
+                Verdict(
+                    f"1b {name} / SAELens tokens/s ({res['label']})",
+                    f"{speed:.2f}x",
+                    f">= {SPEED_TARGET}x" if default else "(context: not the default)",
+                    quick and speed >= SPEED_TARGET if default else None,
+                )
+            )
+            verdicts.append(
+                Verdict(
+                    f"1b peak RSS ({setting})",
+                    f"{r['hwm_mib']:,.0f} MiB (SAELens {theirs['hwm_mib']:,.0f}); "
+                    f"{r['hwm_mib'] - r['base_hwm_mib']:+,.0f} over its own pre-run peak",
+                    f"<= {model + budget_mib:,.0f} MiB (2 x buffer + model {model:,.0f}, {model_loop(name, r)})",
+                    r["hwm_mib"] <= model + budget_mib,
+                )
+            )
         ours = best(res["runs"]["sae_cache"])
-        verdicts.append(Verdict(f"1d disk / raw activation bytes ({res['label']})",
-                                f"{ours['disk_bytes'] / ours['raw_act_bytes']:.4f} (SAELens {theirs['disk_bytes'] / theirs['raw_act_bytes']:.4f})",
-                                "<= 1.02", ours["disk_bytes"] / ours["raw_act_bytes"] <= 1.02))
-    table(["setting", "run", "tokens", "best s", "all runs s", "tokens/s", "CPU s", "pre-run peak RSS MiB", "peak RSS MiB",
-           "peak - model MiB", "RSS target MiB", "disk / raw acts"], rows)
-    print(f"\nmodel = {model_mib['forward loop']:,.0f} MiB, the median peak RSS of the plain forward loop (weights + a forward "
-          f"pass's working memory, batch after batch); {model_mib['forward loop, 2 threads']:,.0f} MiB for the 2-thread loop "
-          "(two passes at once, sae_cache's default on this CPU). RSS target = model + 2 x buffer_size_gb. Pre-run peak: "
-          "VmHWM after loading the model and dataset and one warm-up batch.\n")
+        verdicts.append(
+            Verdict(
+                f"1d disk / raw activation bytes ({res['label']})",
+                f"{ours['disk_bytes'] / ours['raw_act_bytes']:.4f} (SAELens {theirs['disk_bytes'] / theirs['raw_act_bytes']:.4f})",
+                "<= 1.02",
+                ours["disk_bytes"] / ours["raw_act_bytes"] <= 1.02,
+            )
+        )
+    table(
+        [
+            "setting",
+            "run",
+            "tokens",
+            "best s",
+            "all runs s",
+            "tokens/s",
+            "CPU s",
+            "pre-run peak RSS MiB",
+            "peak RSS MiB",
+            "peak - model MiB",
+            "RSS target MiB",
+            "disk / raw acts",
+        ],
+        rows,
+    )
+    print(
+        f"\nmodel = {model_mib['forward loop']:,.0f} MiB, the median peak RSS of the plain forward loop (weights + a forward "
+        f"pass's working memory, batch after batch); {model_mib['forward loop, 2 threads']:,.0f} MiB for the 2-thread loop "
+        "(two passes at once, sae_cache's default on this CPU). RSS target = model + 2 x buffer_size_gb. Pre-run peak: "
+        "VmHWM after loading the model and dataset and one warm-up batch.\n"
+    )
     for res in results:
         for name, speed in res["speeds"].items():
             print(f"- {res['label']}: {name} / SAELens tokens/s = **{speed:.2f}x** (best of {res['reps']})")

@@ -20,7 +20,21 @@ Target (issue 3, 1c): sae_cache's writer >= 70% of raw.
 
 from __future__ import annotations
 
-from benchmark._common import CONTEXT, Verdict, alternate, best, f0, f2, f3, header, parse, parser, scratch, table, times
+from benchmark._common import (
+    CONTEXT,
+    Verdict,
+    alternate,
+    best,
+    f0,
+    f2,
+    f3,
+    header,
+    parse,
+    parser,
+    scratch,
+    table,
+    times,
+)
 
 TARGET = 0.70
 
@@ -34,13 +48,26 @@ def main(argv: list[str] | None = None) -> list[Verdict]:
     buffer_mib = args.buffer_mib or (8 if args.quick else 256)
     n_buffers = args.buffers or (2 if args.quick else 4)
     reps = args.reps or (1 if args.quick else 5)
-    modes = {"raw write + fsync": "raw", "write_arrow_file": "arrow", "ShardWriter": "shardwriter",
-             "ShardWriter, direct_io": "shardwriter_direct"}
+    modes = {
+        "raw write + fsync": "raw",
+        "write_arrow_file": "arrow",
+        "ShardWriter": "shardwriter",
+        "ShardWriter, direct_io": "shardwriter_direct",
+    }
     if not args.no_datasets:
         modes["datasets save_to_disk"] = "datasets"
     with scratch("writer") as tmp:
-        specs = {name: dict(task="write", mode=mode, directory=str(tmp / mode), buffer_mib=buffer_mib, n_buffers=n_buffers,
-                            context=CONTEXT) for name, mode in modes.items()}
+        specs = {
+            name: dict(
+                task="write",
+                mode=mode,
+                directory=str(tmp / mode),
+                buffer_mib=buffer_mib,
+                n_buffers=n_buffers,
+                context=CONTEXT,
+            )
+            for name, mode in modes.items()
+        }
         runs = alternate(specs, reps)
     header(
         "(c) the writer alone: synthetic buffers, no model",
@@ -53,20 +80,56 @@ def main(argv: list[str] | None = None) -> list[Verdict]:
     for name in modes:
         r = best(runs[name])
         rate = r["bytes"] / r["seconds"]
-        rows.append([name, f0(r["bytes"] / 1e6), f2(r["seconds"]), times(runs[name]), f0(rate / 1e6), f3(rate / raw_rate),
-                     f2(r["cpu_s"]), f0(r["base_mib"]), f0(r["hwm_mib"]), f3(r["data_bytes"] / r["act_bytes"])])
-    table(["writer", "MB", "best s", "all runs s", "MB/s", "vs raw", "CPU s", "RSS before MiB", "peak RSS MiB",
-           "file bytes / raw acts"], rows)
+        rows.append(
+            [
+                name,
+                f0(r["bytes"] / 1e6),
+                f2(r["seconds"]),
+                times(runs[name]),
+                f0(rate / 1e6),
+                f3(rate / raw_rate),
+                f2(r["cpu_s"]),
+                f0(r["base_mib"]),
+                f0(r["hwm_mib"]),
+                f3(r["data_bytes"] / r["act_bytes"]),
+            ]
+        )
+    table(
+        [
+            "writer",
+            "MB",
+            "best s",
+            "all runs s",
+            "MB/s",
+            "vs raw",
+            "CPU s",
+            "RSS before MiB",
+            "peak RSS MiB",
+            "file bytes / raw acts",
+        ],
+        rows,
+    )
     ours = ("write_arrow_file", "ShardWriter", "ShardWriter, direct_io")
     arrow = best(runs["write_arrow_file"])
     ratio = min(best(runs[name])["bytes"] / best(runs[name])["seconds"] for name in ours) / raw_rate
-    paired = [r["seconds"] / max(x["seconds"] for x in xs) for r, *xs in zip(runs["raw write + fsync"], *(runs[n] for n in ours))]
-    print(f"\nsae_cache writer / raw MB/s: **{ratio:.3f}** (the slowest of {', '.join(ours)}, best vs best; "
-          f"per round {', '.join(f'{x:.3f}' for x in paired)})")
+    paired = [
+        r["seconds"] / max(x["seconds"] for x in xs)
+        for r, *xs in zip(runs["raw write + fsync"], *(runs[n] for n in ours))
+    ]
+    print(
+        f"\nsae_cache writer / raw MB/s: **{ratio:.3f}** (the slowest of {', '.join(ours)}, best vs best; "
+        f"per round {', '.join(f'{x:.3f}' for x in paired)})"
+    )
     return [
-        Verdict("1c writer / raw write+fsync MB/s", f"{ratio:.3f}", f">= {TARGET}", None if args.quick else ratio >= TARGET),
-        Verdict("1d arrow file bytes / raw activation bytes", f"{arrow['data_bytes'] / arrow['act_bytes']:.4f}", "<= 1.02",
-                arrow["data_bytes"] / arrow["act_bytes"] <= 1.02),
+        Verdict(
+            "1c writer / raw write+fsync MB/s", f"{ratio:.3f}", f">= {TARGET}", None if args.quick else ratio >= TARGET
+        ),
+        Verdict(
+            "1d arrow file bytes / raw activation bytes",
+            f"{arrow['data_bytes'] / arrow['act_bytes']:.4f}",
+            "<= 1.02",
+            arrow["data_bytes"] / arrow["act_bytes"] <= 1.02,
+        ),
     ]
 
 

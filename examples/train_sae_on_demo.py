@@ -73,8 +73,13 @@ def evaluate(sae, cache: Path) -> tuple[float, float]:
 
 def cache_of(model, out: Path, tokens: int) -> Path:
     cfg = CacheActivationsRunnerConfig(
-        hook_name=HOOK, context_size=CONTEXT, training_tokens=tokens, new_cached_activations_path=str(out),
-        device="cpu", shuffle=True, buffer_size_gb=0.25,
+        hook_name=HOOK,
+        context_size=CONTEXT,
+        training_tokens=tokens,
+        new_cached_activations_path=str(out),
+        device="cpu",
+        shuffle=True,
+        buffer_size_gb=0.25,
     )
     CacheActivationsRunner(cfg, override_dataset=load_demo_dataset(), model=model).run()
     return out
@@ -82,7 +87,9 @@ def cache_of(model, out: Path, tokens: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=Path("activations/demo"), help="a cache of the demo model (make demo)")
+    parser.add_argument(
+        "--cache", type=Path, default=Path("activations/demo"), help="a cache of the demo model (make demo)"
+    )
     parser.add_argument("--tokens", type=int, default=300_000, help="SAE training tokens (the cache must hold more)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -98,8 +105,12 @@ def main() -> None:
         random_model = HookedTransformer(random_cfg, tokenizer=trained_model.tokenizer)  # same shape, untrained
         random_model.eval()
         random_cache = cache_of(random_model, tmp / "random", needed)
-        results["random model (baseline)"] = evaluate(train(random_cache, random_model, args.tokens, tmp / "random_sae"), random_cache)
-    print(f"\nSAE d_sae = 8 x d_in on {HOOK}, {args.tokens:,} training tokens, evaluated on {EVAL_TOKENS:,} held-out cached tokens\n")
+        results["random model (baseline)"] = evaluate(
+            train(random_cache, random_model, args.tokens, tmp / "random_sae"), random_cache
+        )
+    print(
+        f"\nSAE d_sae = 8 x d_in on {HOOK}, {args.tokens:,} training tokens, evaluated on {EVAL_TOKENS:,} held-out cached tokens\n"
+    )
     print("| activations of | explained variance | L0 (active latents / token) |")
     print("|---|---|---|")
     for name, (ev, l0) in results.items():

@@ -29,7 +29,9 @@ STATE_FILE = "state.json"
 INFO_FILE = "dataset_info.json"
 
 
-def cache_features(hook_dims: dict[str, int], length: int, dtype: str, labels: dict[str, str] | None = None) -> Features:
+def cache_features(
+    hook_dims: dict[str, int], length: int, dtype: str, labels: dict[str, str] | None = None
+) -> Features:
     """The datasets Features of a cache: one Array2D column per hook, token_ids, then numeric label columns."""
     columns: dict = {hook: Array2D(shape=(length, d), dtype=dtype) for hook, d in hook_dims.items()}
     columns[TOKEN_IDS] = Sequence(Value("int32"), length=length)

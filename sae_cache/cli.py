@@ -95,7 +95,9 @@ _BY_ANNOTATION = {
 }
 
 
-def build_parser(config_cls: type = CacheActivationsRunnerConfig, *, prog: str = "python -m sae_cache", description: str = "") -> argparse.ArgumentParser:
+def build_parser(
+    config_cls: type = CacheActivationsRunnerConfig, *, prog: str = "python -m sae_cache", description: str = ""
+) -> argparse.ArgumentParser:
     """A flag per field of `config_cls`, its help the field's docstring; unset flags are left out of the result."""
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -114,7 +116,9 @@ def build_parser(config_cls: type = CacheActivationsRunnerConfig, *, prog: str =
     return parser
 
 
-def parse_config(argv: list[str], config_cls: type = CacheActivationsRunnerConfig, parser: argparse.ArgumentParser | None = None):
+def parse_config(
+    argv: list[str], config_cls: type = CacheActivationsRunnerConfig, parser: argparse.ArgumentParser | None = None
+):
     """The config from an optional file plus flags, and the parsed flags; raises CliError on any invalid input."""
     args = _ArgumentParser.wrap(parser or build_parser(config_cls)).parse_args(argv)
     names = {f.name for f in dataclasses.fields(config_cls)}
@@ -199,7 +203,11 @@ def _targeted(argv: list[str]) -> int:
         prog="python -m sae_cache targeted",
         description="Cache the activations of the last n_positions tokens of a target substring in each prompt.",
     )
-    parser.add_argument("--dataset_path", required=True, help="Dataset with the prompt and target columns (Hub name or local directory).")
+    parser.add_argument(
+        "--dataset_path",
+        required=True,
+        help="Dataset with the prompt and target columns (Hub name or local directory).",
+    )
     parser.add_argument("--model_name", default="sae-cache/demo", help="TransformerLens model name, or sae-cache/demo.")
     parser.add_argument("--device", default=None, help="Device of the model (default: cuda when available, else cpu).")
     try:

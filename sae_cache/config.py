@@ -13,7 +13,6 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
 # Storage dtypes that the datasets Array2D format can hold, by every spelling we accept.
 STORAGE_DTYPES: dict[str, str] = {
     "float32": "float32",
@@ -227,14 +226,18 @@ def _check_sizes(cfg: CacheActivationsRunnerConfig) -> None:
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)!r} must be a positive integer.")
     if cfg.context_size != UNSET and cfg.context_size < 1:
-        raise ValueError(f"context_size={cfg.context_size} must be positive, or -1 to take it from a pretokenized dataset.")
+        raise ValueError(
+            f"context_size={cfg.context_size} must be positive, or -1 to take it from a pretokenized dataset."
+        )
     if cfg.d_in != UNSET and cfg.d_in < 1:
         raise ValueError(f"d_in={cfg.d_in} must be positive, or -1 to read it from the model.")
     if not cfg.buffer_size_gb > 0:
         raise ValueError(f"buffer_size_gb={cfg.buffer_size_gb} must be positive (e.g. 0.5 or 2.0).")
     if cfg.hf_num_shards is not None and cfg.hf_num_shards < 1:
         raise ValueError(f"hf_num_shards={cfg.hf_num_shards} must be at least 1, or None.")
-    if cfg.forward_threads is not None and (isinstance(cfg.forward_threads, bool) or not isinstance(cfg.forward_threads, int) or cfg.forward_threads < 1):
+    if cfg.forward_threads is not None and (
+        isinstance(cfg.forward_threads, bool) or not isinstance(cfg.forward_threads, int) or cfg.forward_threads < 1
+    ):
         raise ValueError(f"forward_threads={cfg.forward_threads!r} must be a positive integer, or None (automatic).")
     if cfg.context_size != UNSET and cfg.context_size > cfg.training_tokens:
         raise ValueError(
@@ -288,7 +291,9 @@ def _check_shuffle_options(cfg: CacheActivationsRunnerConfig) -> None:
     exclude = cfg.exclude_special_tokens
     if isinstance(exclude, list):
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in exclude):
-            raise ValueError(f"exclude_special_tokens={exclude!r} must be True/False or a list of non-negative token ids.")
+            raise ValueError(
+                f"exclude_special_tokens={exclude!r} must be True/False or a list of non-negative token ids."
+            )
     elif not isinstance(exclude, bool):
         raise ValueError(f"exclude_special_tokens={exclude!r} must be True/False or a list of token ids.")
     if exclude and not cfg.shuffle_across_sequences:
@@ -306,10 +311,14 @@ def _check_labels(cfg: CacheActivationsRunnerConfig) -> None:
     if not labels:
         return
     if cfg.shuffle_across_sequences:
-        raise ValueError("label_columns cannot be used with shuffle_across_sequences=True: a stored row then mixes many inputs.")
+        raise ValueError(
+            "label_columns cannot be used with shuffle_across_sequences=True: a stored row then mixes many inputs."
+        )
     reserved = set(cfg.hook_names) | {"token_ids"}
     if reserved & set(labels) or len(set(labels)) != len(labels):
-        raise ValueError(f"label_columns={labels!r} repeats a name or uses a hook name / token_ids: name each input column once.")
+        raise ValueError(
+            f"label_columns={labels!r} repeats a name or uses a hook name / token_ids: name each input column once."
+        )
 
 
 def _check_separator(cfg: CacheActivationsRunnerConfig) -> None:

@@ -56,7 +56,9 @@ def open_dataset(cfg: CacheActivationsRunnerConfig, override: Any = None) -> Dat
             raise ValueError(f"dataset {cfg.dataset_path!r} has splits {list(dataset)} but no 'train' split to read.")
         dataset = dataset["train"]
     if not isinstance(dataset, Dataset | IterableDataset):
-        raise TypeError(f"override_dataset must be a datasets.Dataset or IterableDataset, got {type(dataset).__name__}.")
+        raise TypeError(
+            f"override_dataset must be a datasets.Dataset or IterableDataset, got {type(dataset).__name__}."
+        )
     return dataset
 
 
@@ -91,7 +93,9 @@ def resolve_context_size(cfg: CacheActivationsRunnerConfig, column: InputColumn,
     if cfg.context_size == UNSET:
         raise ValueError(f"the dataset holds raw text (column {column.name!r}): set context_size (e.g. 128).")
     if cfg.context_size == 1 and cfg.prepend_bos and not cfg.disable_concat_sequences:
-        raise ValueError("context_size=1 with prepend_bos=True leaves no room for text (every row would be BOS): raise context_size.")
+        raise ValueError(
+            "context_size=1 with prepend_bos=True leaves no room for text (every row would be BOS): raise context_size."
+        )
     return cfg.context_size
 
 
@@ -182,19 +186,29 @@ def label_dtypes(dataset, column: InputColumn, cfg: CacheActivationsRunnerConfig
     for name in cfg.label_columns:
         dtype = np.asarray(row[name]).dtype
         if dtype.kind not in "biuf" or np.asarray(row[name]).ndim:
-            raise ValueError(f"label column {name!r} holds {row[name]!r}: only numeric scalars (ints, floats, bools) can be carried; map it to ids first.")
+            raise ValueError(
+                f"label column {name!r} holds {row[name]!r}: only numeric scalars (ints, floats, bools) can be carried; map it to ids first."
+            )
         dtypes[name] = "bool" if dtype.kind == "b" else ("float64" if dtype.kind == "f" else "int64")
     return dtypes
 
 
-def _labeled_rows(dataset, column: InputColumn, *, model, cfg, context_size: int, special: SpecialTokens) -> Iterator[tuple[torch.Tensor, dict]]:
+def _labeled_rows(
+    dataset, column: InputColumn, *, model, cfg, context_size: int, special: SpecialTokens
+) -> Iterator[tuple[torch.Tensor, dict]]:
     for row in dataset:
         value = row[column.name]
         if column.pretokenized:
             rows = truncate_pretokenized([value], context_size=context_size)
         else:
             sequence = next(_tokenize(iter([value]), model, chat=cfg.use_chat_formatting))
-            rows = pack_sequences([sequence], context_size=context_size, bos_token_id=special.bos, separator_token_id=None, disable_concat=True)
+            rows = pack_sequences(
+                [sequence],
+                context_size=context_size,
+                bos_token_id=special.bos,
+                separator_token_id=None,
+                disable_concat=True,
+            )
         for tokens in rows:
             yield tokens, {name: row[name] for name in cfg.label_columns}
 
@@ -216,7 +230,9 @@ def _tokenize(values: Iterator[Any], model, *, chat: bool) -> Iterator[torch.Ten
     for value in values:
         if chat:
             conversation = [{"role": "user", "content": value}] if isinstance(value, str) else value
-            ids = model.tokenizer.apply_chat_template(conversation, tokenize=True, return_tensors="pt", return_dict=False)
+            ids = model.tokenizer.apply_chat_template(
+                conversation, tokenize=True, return_tensors="pt", return_dict=False
+            )
             yield ids[0]
         else:
             yield _text_tokens(model, value)

@@ -136,13 +136,18 @@ class HookCapture:
         """{hook: acts_BL...} of one forward pass over tokens_BL (on the model's device)."""
         self._local.captured = captured = {}
         device_type = model_device(self.model).type
-        with contextlib.suppress(_StopForward), torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.autocast):
+        with (
+            contextlib.suppress(_StopForward),
+            torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.autocast),
+        ):
             self.model(tokens_BL, stop_at_layer=self.stop, **{**self.model_kwargs, **(model_kwargs or {})})
         self._local.captured = None
         return captured
 
 
-def capture(model: HookedRootModule, tokens_BL: torch.Tensor, hook_names: list[str], **options) -> dict[str, torch.Tensor]:
+def capture(
+    model: HookedRootModule, tokens_BL: torch.Tensor, hook_names: list[str], **options
+) -> dict[str, torch.Tensor]:
     """One forward pass with the hooks installed just for it (options as for HookCapture)."""
     with HookCapture(model, hook_names, **options) as cap:
         return cap(tokens_BL)

@@ -29,7 +29,9 @@ class CachedActivations:
         meta_path = self.path / METADATA_FILE
         self.metadata = read_json(meta_path) if meta_path.is_file() else {}
         if self.metadata.get("kind") == "targeted":
-            raise ValueError(f"{self.path} is a position-targeted cache (rows of different lengths): open it with datasets.load_from_disk.")
+            raise ValueError(
+                f"{self.path} is a position-targeted cache (rows of different lengths): open it with datasets.load_from_disk."
+            )
         self._batches = [batch for f in self.files for batch in read_arrow_columns(f)]
         self.hook_names = [name for name in self._batches[0] if name != TOKEN_IDS] if self._batches else []
         self.n_rows = sum(len(b[TOKEN_IDS]) for b in self._batches)
@@ -50,7 +52,13 @@ class CachedActivations:
         return self.n_rows
 
     def batches(
-        self, batch_tokens: int, *, hook: str | None = None, shuffle: bool = False, seed: int = 0, drop_last: bool = True
+        self,
+        batch_tokens: int,
+        *,
+        hook: str | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = True,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (acts [tokens, d_in], token_ids [tokens]) batches of `batch_tokens` tokens.
 
@@ -87,7 +95,9 @@ class CachedActivations:
             yield acts.reshape(-1, acts.shape[-1]), tokens.reshape(-1)
 
 
-def _rebatch(units: Iterator[tuple[np.ndarray, np.ndarray]], size: int, drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _rebatch(
+    units: Iterator[tuple[np.ndarray, np.ndarray]], size: int, drop_last: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Cut a stream of (acts, tokens) arrays into batches of `size` rows of acts."""
     held: list[tuple[np.ndarray, np.ndarray]] = []
     held_n = 0

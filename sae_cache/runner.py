@@ -105,7 +105,9 @@ class CacheActivationsRunner:
             self._shared(self._write_shards)
             self._shared(self._publish)
         self._shared(lambda: remove_work(self.paths) if self.ranks.is_main else None)
-        self._shared(lambda: hub.push_cache(self.paths.out, self.cfg) if self.cfg.hf_repo_id and self.ranks.is_main else None)
+        self._shared(
+            lambda: hub.push_cache(self.paths.out, self.cfg) if self.cfg.hf_repo_id and self.ranks.is_main else None
+        )
         self.elapsed_s = time.perf_counter() - started
         return datasets.load_from_disk(str(self.paths.out))
 
@@ -152,26 +154,38 @@ class CacheActivationsRunner:
         labels = label_dtypes(dataset, column, cfg, first_row(dataset))
         plan = make_plan(cfg, context_size=context_size, hook_dims=hook_dims)
         if not cfg.use_chat_formatting:
-            warning = check_dataset_size(dataset, column, rows_needed=plan.n_rows, context_size=context_size, model=model)
+            warning = check_dataset_size(
+                dataset, column, rows_needed=plan.n_rows, context_size=context_size, model=model
+            )
             if warning:
                 warnings.warn(warning, RuntimeWarning, stacklevel=2)
         threads = resolve_forward_threads(cfg.forward_threads, model_device(model))
         self._resolved = _Resolved(
-            model=model, dataset=dataset, column=column, special=special, labels=labels, plan=plan, forward_threads=threads
+            model=model,
+            dataset=dataset,
+            column=column,
+            special=special,
+            labels=labels,
+            plan=plan,
+            forward_threads=threads,
         )
         return self._resolved
 
     def _check_model_context(self, model: Any, context_size: int) -> None:
         n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
         if n_ctx is not None and context_size > n_ctx:
-            raise ValueError(f"context_size={context_size} exceeds the model's n_ctx={n_ctx}: set context_size <= {n_ctx}.")
+            raise ValueError(
+                f"context_size={context_size} exceeds the model's n_ctx={n_ctx}: set context_size <= {n_ctx}."
+            )
 
     def _check_d_in(self, hook_dims: dict[str, int]) -> None:
         if self.cfg.d_in == UNSET:
             return
         wrong = {h: d for h, d in hook_dims.items() if d != self.cfg.d_in}
         if wrong:
-            raise ValueError(f"d_in={self.cfg.d_in} but the model's hooks have widths {wrong}: set d_in to match, or -1.")
+            raise ValueError(
+                f"d_in={self.cfg.d_in} but the model's hooks have widths {wrong}: set d_in to match, or -1."
+            )
 
     def _already_finished(self) -> bool:
         """With resume=True: the run was killed after publishing its cache (only clean-up and upload remain)."""
@@ -236,7 +250,9 @@ class CacheActivationsRunner:
         features = self._features()
         self._shard_dir(self.ranks.rank).mkdir(parents=True, exist_ok=True)
         # shards to be shuffled are read back at once: only final ones go around the page cache
-        writer = ShardWriter(self._shard_dir(self.ranks.rank), features, direct_io=self.cfg.direct_io and not self.cfg.shuffle)
+        writer = ShardWriter(
+            self._shard_dir(self.ranks.rank), features, direct_io=self.cfg.direct_io and not self.cfg.shuffle
+        )
         done = writer.complete_shards(plan.n_buffers)
         if done:
             logger.info("resuming after %d complete shard(s) of %d", done, plan.n_buffers)
@@ -244,7 +260,11 @@ class CacheActivationsRunner:
         store = self._make_store(resolved, plan)
         store.restore_stats(resume["stats"])
         progress = tqdm(
-            total=plan.n_tokens, initial=done * plan.tokens_per_buffer, unit="tok", desc="Caching", unit_scale=True,
+            total=plan.n_tokens,
+            initial=done * plan.tokens_per_buffer,
+            unit="tok",
+            desc="Caching",
+            unit_scale=True,
             disable=not self.ranks.is_main,
         )
         store.on_tokens = progress.update
@@ -257,7 +277,9 @@ class CacheActivationsRunner:
         identity = json.loads(json.dumps({"fields": output_fields(self.cfg), "plan": plan.to_dict()}, default=str))
         if self.paths.work.exists() and self.cfg.resume:
             previous = read_json(self.paths.run_file) if self.paths.run_file.exists() else {}
-            changed = sorted(k for k in identity["fields"] if previous.get("fields", {}).get(k) != identity["fields"][k])
+            changed = sorted(
+                k for k in identity["fields"] if previous.get("fields", {}).get(k) != identity["fields"][k]
+            )
             if changed or previous.get("plan") != identity["plan"]:
                 raise ValueError(
                     f"cannot resume {self.paths.work}: the configuration changed in {changed or 'the resolved plan'}. "
@@ -271,7 +293,12 @@ class CacheActivationsRunner:
     def _make_store(self, resolved: _Resolved, plan: CachePlan) -> ActivationsStore:
         cfg = self.cfg
         rows = token_rows(
-            resolved.dataset, resolved.column, model=resolved.model, cfg=cfg, context_size=plan.context_size, special=resolved.special
+            resolved.dataset,
+            resolved.column,
+            model=resolved.model,
+            cfg=cfg,
+            context_size=plan.context_size,
+            special=resolved.special,
         )
         return ActivationsStore(
             resolved.model,
@@ -328,5 +355,7 @@ class CacheActivationsRunner:
             names = stage_shards(shard_files, staging)
         tokenizer = getattr(self._resolve().model, "tokenizer", None)
         metadata = build_metadata(cfg, plan, stats=stats, tokenizer=tokenizer, world_size=self.ranks.world)
-        finish_staging(staging, features, names, fingerprint_of({"fields": output_fields(cfg), "plan": plan.to_dict()}), metadata)
+        finish_staging(
+            staging, features, names, fingerprint_of({"fields": output_fields(cfg), "plan": plan.to_dict()}), metadata
+        )
         swap_into_place(staging, self.paths.out)

@@ -39,7 +39,14 @@ import numpy as np
 import pyarrow as pa
 from datasets import Features
 
-from sae_cache.arrow_format import TOKEN_IDS, ArrowFileWriter, data_file_name, feature_row_layout, read_arrow_columns, stream_columns
+from sae_cache.arrow_format import (
+    TOKEN_IDS,
+    ArrowFileWriter,
+    data_file_name,
+    feature_row_layout,
+    read_arrow_columns,
+    stream_columns,
+)
 from sae_cache.consolidate import reset_dir
 
 KEY_BLOCK = 1 << 16  # keys are generated in blocks of this many items, each block from (seed, block index)
@@ -52,7 +59,10 @@ ONE_PASS_MAX_ROWS = 8 << 20  # ...when the order of all rows (16 bytes a row whi
 def item_keys(seed: int, start: int, stop: int) -> np.ndarray:
     """The random keys of stream items start..stop-1 (independent of how the stream was cut)."""
     first, last = start // KEY_BLOCK, (stop - 1) // KEY_BLOCK
-    blocks = [np.random.default_rng([seed, b]).integers(0, KEY_LIMIT - 1, KEY_BLOCK, dtype=np.int64) for b in range(first, last + 1)]
+    blocks = [
+        np.random.default_rng([seed, b]).integers(0, KEY_LIMIT - 1, KEY_BLOCK, dtype=np.int64)
+        for b in range(first, last + 1)
+    ]
     keys = np.concatenate(blocks) if blocks else np.empty(0, np.int64)
     offset = start - first * KEY_BLOCK
     return keys[offset : offset + stop - start]
@@ -78,7 +88,15 @@ def shuffle_shards(
     if not across_sequences and _one_pass(layouts, bytes_per_row, n_rows):
         sink = _RowSink(out_dir, features, n_rows=n_rows, rows_per_file=rows_per_file, direct_io=direct_io)
         with _Background() as background:
-            _gather_one_pass(shard_files, sink, layouts, background, seed=seed, n_rows=n_rows, chunk_rows=max(1, bucket_bytes // bytes_per_row))
+            _gather_one_pass(
+                shard_files,
+                sink,
+                layouts,
+                background,
+                seed=seed,
+                n_rows=n_rows,
+                chunk_rows=max(1, bucket_bytes // bytes_per_row),
+            )
             background.submit(sink.close)
         return _check_files(sink)
     n_items = n_rows * length if across_sequences else n_rows
@@ -87,7 +105,16 @@ def shuffle_shards(
     width = min(-(-KEY_LIMIT // n_buckets), KEY_LIMIT - 1)  # keys are < KEY_LIMIT - 1
     reset_dir(scratch)
     with _Background() as background:
-        counts = _scatter(shard_files, scratch, layouts, background, seed=seed, across=across_sequences, width=width, n_buckets=n_buckets)
+        counts = _scatter(
+            shard_files,
+            scratch,
+            layouts,
+            background,
+            seed=seed,
+            across=across_sequences,
+            width=width,
+            n_buckets=n_buckets,
+        )
     sink = _RowSink(out_dir, features, n_rows=n_rows, rows_per_file=rows_per_file, direct_io=direct_io)
     with _Background() as background:
         _gather(scratch, sink, layouts, background, counts=counts, length=length if across_sequences else 1)
@@ -97,7 +124,9 @@ def shuffle_shards(
 
 def _check_files(sink: _RowSink) -> list[str]:
     if sink.file_index != sink.n_files:
-        raise RuntimeError(f"the shuffle wrote {sink.file_index} data files, expected {sink.n_files}: the shards are inconsistent.")
+        raise RuntimeError(
+            f"the shuffle wrote {sink.file_index} data files, expected {sink.n_files}: the shards are inconsistent."
+        )
     return sink.names
 
 
@@ -185,7 +214,9 @@ def _chunks(shard_files: list[Path], across: bool, chunk_items: int) -> Iterator
                 yield path, b, start, min(start + chunk_items, n_items)
 
 
-def _chunk_items(path: Path, batch: int, start: int, stop: int, across: bool) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
+def _chunk_items(
+    path: Path, batch: int, start: int, stop: int, across: bool
+) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
     """Items start..stop-1 of a shard's batch: views on a fresh memory map, unmapped once dropped (bounded
     RSS), and the (offset, length) byte ranges of the file that they are."""
     for i, (columns, base) in enumerate(_batch_columns_with_base(path)):
@@ -210,7 +241,9 @@ def _drop_cached(path: Path, ranges: list[tuple[int, int]]) -> None:
         os.close(fd)
 
 
-def _scatter(shard_files, scratch: Path, layouts, background: _Background, *, seed: int, across: bool, width: int, n_buckets: int) -> np.ndarray:
+def _scatter(
+    shard_files, scratch: Path, layouts, background: _Background, *, seed: int, across: bool, width: int, n_buckets: int
+) -> np.ndarray:
     """Append every item to its bucket's files (keys, then one file per column); returns the item count of each bucket."""
     item_bytes = sum(per_item * dtype.itemsize for _, per_item, dtype in layouts.values())
     chunk_items = max(1, SCATTER_CHUNK_BYTES // item_bytes)
@@ -252,13 +285,17 @@ def _map_bucket_file(path: Path, n_items: int, per_item: int, dtype: np.dtype) -
     size = os.path.getsize(path)
     if size != expected:
         raise EOFError(f"{path} holds {size} bytes, expected {expected}")
-    return np.memmap(path, dtype=dtype, mode="r", shape=(n_items, per_item)) if n_items else np.empty((0, per_item), dtype)
+    return (
+        np.memmap(path, dtype=dtype, mode="r", shape=(n_items, per_item)) if n_items else np.empty((0, per_item), dtype)
+    )
 
 
 class _RowSink:
     """Appends rows to output data files of rows_per_file rows each (the last one trimmed)."""
 
-    def __init__(self, out_dir: Path, features: Features, *, n_rows: int, rows_per_file: int, direct_io: bool = False) -> None:
+    def __init__(
+        self, out_dir: Path, features: Features, *, n_rows: int, rows_per_file: int, direct_io: bool = False
+    ) -> None:
         self.out_dir, self.features, self.direct_io = out_dir, features, direct_io
         self.n_files = math.ceil(n_rows / rows_per_file)
         self.rows_per_file = rows_per_file
@@ -270,7 +307,9 @@ class _RowSink:
         start, total = 0, len(columns[TOKEN_IDS])
         while start < total:
             if self.writer is None:
-                self.writer = ArrowFileWriter(self.out_dir / self.names[self.file_index], self.features, direct_io=self.direct_io)
+                self.writer = ArrowFileWriter(
+                    self.out_dir / self.names[self.file_index], self.features, direct_io=self.direct_io
+                )
             take = min(total - start, self.rows_per_file - self.writer.rows)
             self.writer.write({k: v[start : start + take] for k, v in columns.items()})
             start += take
@@ -293,7 +332,9 @@ def _replace_bucket(bucket_files: list[Path], sink: _RowSink, rows: dict[str, np
     sink.write(rows)
 
 
-def _gather(scratch: Path, sink: _RowSink, layouts, background: _Background, *, counts: np.ndarray, length: int) -> None:
+def _gather(
+    scratch: Path, sink: _RowSink, layouts, background: _Background, *, counts: np.ndarray, length: int
+) -> None:
     """Sort each bucket by key into one of two alternating buffers and hand its whole rows to the sink.
 
     Items are packed `length` to a row (1 in rows mode); the positions left over after a bucket's
@@ -304,7 +345,10 @@ def _gather(scratch: Path, sink: _RowSink, layouts, background: _Background, *, 
     for k, bucket in enumerate(np.flatnonzero(counts)):
         n, out = int(counts[bucket]), buffers[k % 2]
         keys = np.array(_map_bucket_file(scratch / f"{bucket:06d}.keys", n, 1, np.int64)).reshape(-1)
-        source = {name: _map_bucket_file(scratch / f"{bucket:06d}.{i}", n, per_item, dtype) for i, (name, (_, per_item, dtype)) in enumerate(layouts.items())}
+        source = {
+            name: _map_bucket_file(scratch / f"{bucket:06d}.{i}", n, per_item, dtype)
+            for i, (name, (_, per_item, dtype)) in enumerate(layouts.items())
+        }
         _take(source, np.argsort(keys, kind="stable"), out, start=carry)
         del source  # unmapped: the bucket's pages leave this process's memory
         whole = (carry + n) // length * length
@@ -332,7 +376,9 @@ class _RowExtents:
         """The record batch holding each stream row, and the row's index inside it."""
         batch = np.searchsorted(self.first, rows, side="right") - 1
         if len(rows) and (rows.min() < 0 or rows.max() >= self.first[-1]):
-            raise RuntimeError(f"the shards hold {self.first[-1]} rows, fewer than the shuffle needs: the shards are inconsistent.")
+            raise RuntimeError(
+                f"the shards hold {self.first[-1]} rows, fewer than the shuffle needs: the shards are inconsistent."
+            )
         return batch, rows - self.first[batch]
 
 
@@ -355,11 +401,15 @@ def _file_offset(values: np.ndarray, base: int, size: int) -> int | None:
 def _offset_in_file(values: np.ndarray, base: int, path: Path) -> int:
     offset = _file_offset(values, base, path.stat().st_size)
     if offset is None:
-        raise RuntimeError(f"a column of {path} is not stored as one contiguous buffer in the file: it cannot be read in place.")
+        raise RuntimeError(
+            f"a column of {path} is not stored as one contiguous buffer in the file: it cannot be read in place."
+        )
     return offset
 
 
-def _gather_one_pass(shard_files, sink: _RowSink, layouts, background: _Background, *, seed: int, n_rows: int, chunk_rows: int) -> None:
+def _gather_one_pass(
+    shard_files, sink: _RowSink, layouts, background: _Background, *, seed: int, n_rows: int, chunk_rows: int
+) -> None:
     """Rows mode in one pass: output rows start..start+chunk_rows-1 are read from the shards (in file
     order, with os.preadv) into one of two alternating buffers and handed to the sink."""
     extents = _RowExtents(shard_files, layouts)
@@ -369,7 +419,9 @@ def _gather_one_pass(shard_files, sink: _RowSink, layouts, background: _Backgrou
         rows = order[start : start + chunk_rows]
         out = buffers[k % 2]  # free: the write of chunk k - 2 finished before chunk k - 1 was submitted
         _read_rows(extents, rows, {name: values[: len(rows)] for name, values in out.items()})
-        background.submit(sink.write, {name: out[name][: len(rows)].reshape(-1, *shape) for name, (shape, _, _) in layouts.items()})
+        background.submit(
+            sink.write, {name: out[name][: len(rows)].reshape(-1, *shape) for name, (shape, _, _) in layouts.items()}
+        )
 
 
 def _read_rows(extents: _RowExtents, rows: np.ndarray, out: dict[str, np.ndarray]) -> None:
@@ -387,7 +439,9 @@ def _read_rows(extents: _RowExtents, rows: np.ndarray, out: dict[str, np.ndarray
             for name, values in out.items():
                 size = extents.row_bytes[name]
                 if os.preadv(fd, [values[i]], extents.offsets[b][name] + r * size) != size:
-                    raise EOFError(f"{extents.files[f]} ended inside row {r} of its record batch {b}: the shards are inconsistent.")
+                    raise EOFError(
+                        f"{extents.files[f]} ended inside row {r} of its record batch {b}: the shards are inconsistent."
+                    )
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -164,7 +164,12 @@ class ActivationsStore:
         plan = self.plan
         pin = self.device.type == "cuda"
         return allocate_host_buffer(
-            plan.hook_dims, plan.rows_per_piece, plan.sliced_context_size, self.storage_dtype, pin=pin, labels=self.label_dtypes
+            plan.hook_dims,
+            plan.rows_per_piece,
+            plan.sliced_context_size,
+            self.storage_dtype,
+            pin=pin,
+            labels=self.label_dtypes,
         )
 
     def buffers(
@@ -187,7 +192,9 @@ class ActivationsStore:
             for index in range(start_index, self.plan.n_buffers):
                 pieces = self.plan.pieces_of_buffer(index)
                 for k, n_rows in enumerate(pieces):
-                    piece = Buffer(index, acquire(self.new_host_buffer), n_rows, first=k == 0, last=k == len(pieces) - 1)
+                    piece = Buffer(
+                        index, acquire(self.new_host_buffer), n_rows, first=k == 0, last=k == len(pieces) - 1
+                    )
                     pending, skip = self._fill(piece, chunks, pending, skip)
                     piece.next_batch, piece.next_skip = (pending[0].batch, skip) if pending else (self._batches_done, 0)
                     yield piece
@@ -243,7 +250,9 @@ class ActivationsStore:
             self.model, self.hooks, positions=self.positions, autocast=self.autocast, model_kwargs=self.model_kwargs
         )
         with capture, _torch_threads_split(self.forward_threads):
-            for chunk in _ordered_map(lambda batch: self._compute(capture, *batch), self._batches(start_batch), self.forward_threads):
+            for chunk in _ordered_map(
+                lambda batch: self._compute(capture, *batch), self._batches(start_batch), self.forward_threads
+            ):
                 for hook in self.hooks:
                     self._check_overflow(hook, chunk.unit_stats[hook])
                 self._batches_done = chunk.batch + 1
@@ -272,7 +281,9 @@ class ActivationsStore:
             yield batch_index, torch.stack(batch), labels
 
     @torch.no_grad()
-    def _compute(self, capture: HookCapture, batch_index: int, tokens_BL: torch.Tensor, labels: dict[str, torch.Tensor]) -> _Chunk:
+    def _compute(
+        self, capture: HookCapture, batch_index: int, tokens_BL: torch.Tensor, labels: dict[str, torch.Tensor]
+    ) -> _Chunk:
         """One batch's forward pass, storage cast and per-unit statistics (may run on a forward thread)."""
         acts = capture(tokens_BL.to(self.device))
         tokens_BL = tokens_BL[:, self.positions]

@@ -70,8 +70,15 @@ def span_positions(span: tuple[int, int], n_positions: int, short_span: str) -> 
 
 
 def locate_prompts(
-    prompts: list[str], targets: list[str], tokenizer, *, occurrence: str, n_positions: int, short_span: str,
-    bos_token_id: int | None, n_ctx: int | None,
+    prompts: list[str],
+    targets: list[str],
+    tokenizer,
+    *,
+    occurrence: str,
+    n_positions: int,
+    short_span: str,
+    bos_token_id: int | None,
+    n_ctx: int | None,
 ) -> tuple[list[LocatedPrompt], Counter]:
     """Tokenize every prompt and find its cached positions; skipped rows are counted by reason, never kept."""
     counts: Counter = Counter()

@@ -21,12 +21,24 @@ import numpy as np
 import torch
 
 from sae_cache.arrow_format import (
-    POSITIONS, SOURCE_INDEX, TOKEN_IDS, data_file_name, fingerprint_of, mixed_record_batch, targeted_features,
+    POSITIONS,
+    SOURCE_INDEX,
+    TOKEN_IDS,
+    data_file_name,
+    fingerprint_of,
+    mixed_record_batch,
+    targeted_features,
     write_record_batches,
 )
 from sae_cache.config import STORAGE_DTYPES
 from sae_cache.consolidate import (
-    RunPaths, finish_staging, is_complete_cache, is_empty_dir, remove_work, repair_interrupted_swap, reset_dir,
+    RunPaths,
+    finish_staging,
+    is_complete_cache,
+    is_empty_dir,
+    remove_work,
+    repair_interrupted_swap,
+    reset_dir,
     swap_into_place,
 )
 from sae_cache.model import capture, check_hook_names, model_device, probe_hook_dims
@@ -144,7 +156,9 @@ def batch_activations(model, rows: list[LocatedPrompt], hook_names: list[str], p
     return {h: torch.where(keep_BN1, acts[h][rows_B1, positions_BN.clamp(min=0)], 0) for h in hook_names}
 
 
-def run_batches(model, located: list[LocatedPrompt], order: np.ndarray, cfg: TargetedCacheConfig, pad_token_id: int, sink):
+def run_batches(
+    model, located: list[LocatedPrompt], order: np.ndarray, cfg: TargetedCacheConfig, pad_token_id: int, sink
+):
     """Feed batches in `order` through the model, calling sink(indices, acts); returns (batch size found, pad tokens)."""
     size, start, pads = cfg.batch_size, 0, 0
     while start < len(order):
@@ -175,11 +189,19 @@ def cache_targeted(cfg: TargetedCacheConfig, dataset: datasets.Dataset, model) -
     paths = RunPaths(Path(cfg.output_path))
     _check_output(cfg, paths)
     located, counts = locate_prompts(
-        dataset[cfg.prompt_column], dataset[cfg.target_column], tokenizer, occurrence=cfg.occurrence,
-        n_positions=cfg.n_positions, short_span=cfg.short_span, bos_token_id=bos, n_ctx=n_ctx,
+        dataset[cfg.prompt_column],
+        dataset[cfg.target_column],
+        tokenizer,
+        occurrence=cfg.occurrence,
+        n_positions=cfg.n_positions,
+        short_span=cfg.short_span,
+        bos_token_id=bos,
+        n_ctx=n_ctx,
     )
     if not located:
-        raise ValueError(f"no prompt kept out of {len(dataset)} (skipped: {dict(counts)}): check target_column and the prompts.")
+        raise ValueError(
+            f"no prompt kept out of {len(dataset)} (skipped: {dict(counts)}): check target_column and the prompts."
+        )
     hook_dims = probe_hook_dims(model, cfg.hook_names)
     if cfg.output_order == "shuffle":
         located = [located[i] for i in np.random.default_rng(cfg.seed).permutation(len(located))]
@@ -216,7 +238,9 @@ def _compute(cfg, model, rows: list[LocatedPrompt], hook_dims: dict, work: Path,
 def _check_inputs(cfg: TargetedCacheConfig, dataset: datasets.Dataset, model) -> tuple:
     """Everything checkable before a forward pass; returns the tokenizer, BOS id (or None) and n_ctx."""
     if not isinstance(dataset, datasets.Dataset):
-        raise ValueError(f"dataset is a {type(dataset).__name__}: give a datasets.Dataset (pick a split of a DatasetDict).")
+        raise ValueError(
+            f"dataset is a {type(dataset).__name__}: give a datasets.Dataset (pick a split of a DatasetDict)."
+        )
     missing = [c for c in (cfg.prompt_column, cfg.target_column, *cfg.label_columns) if c not in dataset.column_names]
     if missing:
         raise ValueError(f"column(s) {missing} are not in the dataset, which has {dataset.column_names}.")
@@ -242,7 +266,9 @@ def _check_output(cfg: TargetedCacheConfig, paths: RunPaths) -> None:
         raise ValueError(f"output_path={cfg.output_path!r} is a file: choose a directory path.")
     if paths.out.exists() and not is_empty_dir(paths.out) and not cfg.overwrite:
         what = "a finished cache" if is_complete_cache(paths.out) else "other files"
-        raise ValueError(f"{paths.out} already holds {what}: pass overwrite=True to replace it, or choose another path.")
+        raise ValueError(
+            f"{paths.out} already holds {what}: pass overwrite=True to replace it, or choose another path."
+        )
     if paths.work.exists() and not cfg.overwrite:
         raise ValueError(f"{paths.work} is left from an unfinished run: remove it or pass overwrite=True.")
 
@@ -256,8 +282,13 @@ def _metadata(cfg, model, hook_dims, counts: Counter, found: int, pads: int, tok
         "n_positions": cfg.n_positions,
         "dtype": cfg.dtype,
         "hooks": {h: {"d_in": d} for h, d in hook_dims.items()},
-        "counts": {"input_rows": counts["input_rows"], "kept": counts["kept"], "skipped": sum(skipped.values()),
-                   **skipped, "multiple_occurrences": counts["multiple_occurrences"]},
+        "counts": {
+            "input_rows": counts["input_rows"],
+            "kept": counts["kept"],
+            "skipped": sum(skipped.values()),
+            **skipped,
+            "multiple_occurrences": counts["multiple_occurrences"],
+        },
         "batch_size": {"requested": cfg.batch_size, "found": found},
         "padding": {"forward_tokens": tokens + pads, "pad_tokens": pads},
         "model": getattr(getattr(model, "cfg", None), "model_name", type(model).__name__),
@@ -278,13 +309,18 @@ def _publish(cfg, paths: RunPaths, dataset, rows: list[LocatedPrompt], store: di
     reset_dir(paths.staging)
     for name, a in zip(names, starts):
         part = rows[a : a + per_file]
-        columns = {TOKEN_IDS: [r.token_ids for r in part], POSITIONS: np.stack([r.positions for r in part]),
-                   SOURCE_INDEX: np.array([r.source_index for r in part], dtype=np.int64)}
+        columns = {
+            TOKEN_IDS: [r.token_ids for r in part],
+            POSITIONS: np.stack([r.positions for r in part]),
+            SOURCE_INDEX: np.array([r.source_index for r in part], dtype=np.int64),
+        }
         columns.update({h: store[h][a : a + per_file] for h in hook_dims})
         table = label_rows[a : a + per_file]
         columns.update({c: table.column(c) for c in cfg.label_columns})
         write_record_batches(paths.staging / name, features, [mixed_record_batch(features, columns)])
-    fingerprint = fingerprint_of({"config": asdict(cfg), "data": getattr(dataset, "_fingerprint", None), "rows": len(rows)})
+    fingerprint = fingerprint_of(
+        {"config": asdict(cfg), "data": getattr(dataset, "_fingerprint", None), "rows": len(rows)}
+    )
     finish_staging(paths.staging, features, names, fingerprint, metadata)
     swap_into_place(paths.staging, paths.out)
     store.clear()

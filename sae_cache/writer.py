@@ -48,7 +48,13 @@ class ShardWriter:
     """Writes Buffers as shards, in order, on a background thread (or inline with background=False)."""
 
     def __init__(
-        self, directory: Path, features: Features, *, background: bool = True, pool_size: int = 3, direct_io: bool = False
+        self,
+        directory: Path,
+        features: Features,
+        *,
+        background: bool = True,
+        pool_size: int = 3,
+        direct_io: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.features = features
@@ -177,10 +183,18 @@ class ShardWriter:
 
 
 def allocate_host_buffer(
-    hook_dims: dict[str, int], rows: int, length: int, dtype: torch.dtype, *, pin: bool, labels: dict[str, str] | None = None
+    hook_dims: dict[str, int],
+    rows: int,
+    length: int,
+    dtype: torch.dtype,
+    *,
+    pin: bool,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Host tensors for one buffer: (rows, length, d) per hook, (rows, length) int32 token ids, (rows,) per label."""
     tensors = {hook: torch.empty((rows, length, d), dtype=dtype, pin_memory=pin) for hook, d in hook_dims.items()}
     tensors[TOKEN_IDS] = torch.empty((rows, length), dtype=torch.int32, pin_memory=pin)
-    tensors.update({name: torch.empty(rows, dtype=getattr(torch, label_dtype)) for name, label_dtype in (labels or {}).items()})
+    tensors.update(
+        {name: torch.empty(rows, dtype=getattr(torch, label_dtype)) for name, label_dtype in (labels or {}).items()}
+    )
     return tensors

@@ -33,7 +33,12 @@ SAELENS_6 = (
     "seqpos_slice streaming autocast_lm dataset_trust_remote_code use_chat_formatting"
 ).split()
 SAELENS_OLDER = ("hook_layer",)
-SAELENS_PR_612 = ("disable_concat_sequences", "sequence_separator_token", "exclude_special_tokens", "shuffle_across_sequences")
+SAELENS_PR_612 = (
+    "disable_concat_sequences",
+    "sequence_separator_token",
+    "exclude_special_tokens",
+    "shuffle_across_sequences",
+)
 ORIGIN_NOTES = {"hook_name": "SAELens 6.x (the list form is sae_cache's)"}
 # Defaults that depend on the machine, shown in words so the file is the same everywhere.
 DEFAULTS_IN_WORDS = {"device": "`cuda` when available, else `cpu`"}
@@ -149,7 +154,9 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write docs/configuration.md from the config's field docstrings.")
-    parser.add_argument("--check", action="store_true", help="do not write; exit 1 when the file differs from the docstrings")
+    parser.add_argument(
+        "--check", action="store_true", help="do not write; exit 1 when the file differs from the docstrings"
+    )
     parser.add_argument("--output", type=Path, default=OUTPUT, help=f"file to write or check (default: {OUTPUT})")
     args = parser.parse_args(argv)
     text = render()

@@ -205,12 +205,18 @@ def train(model: HookedTransformer, train_RL: torch.Tensor, val_RL: torch.Tensor
         optimizer.step()
         recent.append(loss.item())
         if (step + 1) % 50 == 0:
-            print(f"step {step + 1:5d}  epoch {epoch}  train loss {sum(recent) / len(recent):.3f}  "
-                  f"lr {learning_rate(step, args):.2e}  {time.perf_counter() - start:.0f}s", flush=True)
+            print(
+                f"step {step + 1:5d}  epoch {epoch}  train loss {sum(recent) / len(recent):.3f}  "
+                f"lr {learning_rate(step, args):.2e}  {time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
             train_loss, recent = sum(recent) / len(recent), []
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             print(f"step {step + 1:5d}  val loss {evaluate(model, val_RL):.3f}", flush=True)
-    return {"train_loss_last_50_steps": round(train_loss, 4), "epochs": round(args.steps * args.batch_size / len(train_RL), 2)}
+    return {
+        "train_loss_last_50_steps": round(train_loss, 4),
+        "epochs": round(args.steps * args.batch_size / len(train_RL), 2),
+    }
 
 
 def write_assets(model: HookedTransformer, tokenizer, out: Path) -> None:
@@ -237,9 +243,12 @@ def main() -> None:
     train_RL = pack_rows(tokenizer, train_text, args.context_size)
     val_RL = pack_rows(tokenizer, val_text, args.context_size)
     vocab_size = tokenizer.get_vocab_size()
-    print(f"tokenizer: {vocab_size} tokens ({time.perf_counter() - started:.0f}s); "
-          f"train {train_RL.numel():,} tokens in {len(train_RL)} rows, val {val_RL.numel():,} tokens; "
-          f"ln(vocab) = {math.log(vocab_size):.3f}", flush=True)
+    print(
+        f"tokenizer: {vocab_size} tokens ({time.perf_counter() - started:.0f}s); "
+        f"train {train_RL.numel():,} tokens in {len(train_RL)} rows, val {val_RL.numel():,} tokens; "
+        f"ln(vocab) = {math.log(vocab_size):.3f}",
+        flush=True,
+    )
 
     model = HookedTransformer(HookedTransformerConfig(**MODEL_CONFIG, d_vocab=vocab_size, seed=args.seed))
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)

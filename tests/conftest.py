@@ -38,8 +38,16 @@ def build_model(tokenizer) -> HookedTransformer:
     """The tiny model: the same weights in every process (tests that spawn workers rebuild it)."""
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(
-        n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64,
-        d_vocab=len(tokenizer), act_fn="gelu", normalization_type="LN", seed=0,
+        n_layers=3,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        n_ctx=64,
+        d_vocab=len(tokenizer),
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
     )
     model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
     model.eval()

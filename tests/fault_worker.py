@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import torch  # noqa: E402
+from conftest import build_model, build_tokenizer, make_texts  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from conftest import build_model, build_tokenizer, make_texts  # noqa: E402
 from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig, consolidate, shuffle, store, writer  # noqa: E402
 from sae_cache.arrow_format import METADATA_FILE  # noqa: E402
 from sae_cache.consolidate import BACKUP_SUFFIX, TMP_SUFFIX  # noqa: E402
@@ -181,7 +181,10 @@ def _gather(n):
             super().write(columns)
             calls[0] += 1
             if calls[0] == n:
-                die(f"gather: write {n}, into {self.path.name} ({self.rows} rows so far)", staging=listing(self.path.parent))
+                die(
+                    f"gather: write {n}, into {self.path.name} ({self.rows} rows so far)",
+                    staging=listing(self.path.parent),
+                )
 
     shuffle.ArrowFileWriter = KillingWriter
 

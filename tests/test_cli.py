@@ -45,12 +45,16 @@ def test_bad_input_exits_2_with_one_line(args, fragment, capsys):
 def test_a_real_process_prints_no_traceback():
     result = run_cli("--buffer_size_gb", "-1")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["sae_cache: error: buffer_size_gb=-1.0 must be positive (e.g. 0.5 or 2.0)."]
+    assert result.stderr.strip().splitlines() == [
+        "sae_cache: error: buffer_size_gb=-1.0 must be positive (e.g. 0.5 or 2.0)."
+    ]
 
 
 def test_config_file_then_flags(tmp_path):
     path = tmp_path / "cfg.yaml"
-    path.write_text("hook_name: [blocks.0.hook_resid_post, blocks.1.hook_mlp_out]\nseqpos_slice: [1, null]\ncontext_size: 32\nmodel_kwargs: {a: 1}\n")
+    path.write_text(
+        "hook_name: [blocks.0.hook_resid_post, blocks.1.hook_mlp_out]\nseqpos_slice: [1, null]\ncontext_size: 32\nmodel_kwargs: {a: 1}\n"
+    )
     cfg, _ = cli.parse_config(["--config", str(path), "--context_size", "64", "--exclude_special_tokens", "false"])
     assert cfg.hook_names == ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
     assert cfg.seqpos_slice == (1, None) and cfg.context_size == 64 and cfg.model_kwargs == {"a": 1}
@@ -62,8 +66,22 @@ def test_config_file_then_flags(tmp_path):
 
 def test_flag_forms():
     cfg, _ = cli.parse_config(
-        ["--seqpos_slice", "2", "none", "3", "--sequence_separator_token", "none", "--shuffle", "true",
-         "--shuffle_across_sequences", "true", "--exclude_special_tokens", "0,1", "--hf_repo_id", "none"]
+        [
+            "--seqpos_slice",
+            "2",
+            "none",
+            "3",
+            "--sequence_separator_token",
+            "none",
+            "--shuffle",
+            "true",
+            "--shuffle_across_sequences",
+            "true",
+            "--exclude_special_tokens",
+            "0,1",
+            "--hf_repo_id",
+            "none",
+        ]
     )
     assert cfg.seqpos_slice == (2, None, 3) and cfg.sequence_separator_token is None
     assert cfg.exclude_special_tokens == [0, 1] and cfg.hf_repo_id is None
@@ -75,9 +93,23 @@ def test_cli_runs_a_cache_from_a_local_dataset_directory(model, text_dataset, tm
     monkeypatch.setattr("sae_cache.runner.load_model", lambda cfg: model)
     out = tmp_path / "out"
     code = cli.main(
-        ["--dataset_path", str(data_dir), "--model_name", "tiny", "--hook_name", "blocks.1.hook_resid_post",
-         "--context_size", "16", "--training_tokens", "320", "--new_cached_activations_path", str(out),
-         "--device", "cpu", "--quiet"]
+        [
+            "--dataset_path",
+            str(data_dir),
+            "--model_name",
+            "tiny",
+            "--hook_name",
+            "blocks.1.hook_resid_post",
+            "--context_size",
+            "16",
+            "--training_tokens",
+            "320",
+            "--new_cached_activations_path",
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
     )
     printed = capsys.readouterr().out
     assert code == 0
@@ -86,26 +118,79 @@ def test_cli_runs_a_cache_from_a_local_dataset_directory(model, text_dataset, tm
     assert cli.main(["info", str(out)]) == 0
     assert "20 rows x 16 tokens" in capsys.readouterr().out
     # Running the same command again refuses to touch the finished cache.
-    assert cli.main(["--dataset_path", str(data_dir), "--context_size", "16", "--training_tokens", "320",
-                     "--new_cached_activations_path", str(out), "--device", "cpu", "--hook_name", "blocks.1.hook_resid_post"]) == 2
+    assert (
+        cli.main(
+            [
+                "--dataset_path",
+                str(data_dir),
+                "--context_size",
+                "16",
+                "--training_tokens",
+                "320",
+                "--new_cached_activations_path",
+                str(out),
+                "--device",
+                "cpu",
+                "--hook_name",
+                "blocks.1.hook_resid_post",
+            ]
+        )
+        == 2
+    )
     assert "overwrite=True" in capsys.readouterr().err
 
 
 def test_targeted_verb_caches_and_info_describes_it(model, tmp_path, monkeypatch, capsys):
     data_dir = tmp_path / "prompts"
     datasets.Dataset.from_dict(
-        {"prompt": ["the river is blue", "seven mountains in paris", "no match here"], "target": ["river", "paris", "london"], "y": [1, 2, 3]}
+        {
+            "prompt": ["the river is blue", "seven mountains in paris", "no match here"],
+            "target": ["river", "paris", "london"],
+            "y": [1, 2, 3],
+        }
     ).save_to_disk(str(data_dir))
     monkeypatch.setattr("sae_cache.model.load_model", lambda cfg: model)
     out = tmp_path / "targeted"
-    code = cli.main(["targeted", "--dataset_path", str(data_dir), "--model_name", "tiny", "--device", "cpu",
-                     "--output_path", str(out), "--hook_names", "blocks.0.hook_resid_post,blocks.1.hook_resid_post",
-                     "--label_columns", "y", "--n_positions", "2", "--quiet"])
+    code = cli.main(
+        [
+            "targeted",
+            "--dataset_path",
+            str(data_dir),
+            "--model_name",
+            "tiny",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+            "--hook_names",
+            "blocks.0.hook_resid_post,blocks.1.hook_resid_post",
+            "--label_columns",
+            "y",
+            "--n_positions",
+            "2",
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     ds = datasets.load_from_disk(str(out))
     assert len(ds) == 2 and ds["y"] == [1, 2] and ds.features["blocks.1.hook_resid_post"].shape == (2, 32)
     capsys.readouterr()
     assert cli.main(["info", str(out)]) == 0
     assert "position-targeted cache, 2 rows (kept 2, skipped 1)" in capsys.readouterr().out
-    assert cli.main(["targeted", "--dataset_path", str(data_dir), "--output_path", str(out), "--hook_names", "x", "--n_positions", "0"]) == 2
+    assert (
+        cli.main(
+            [
+                "targeted",
+                "--dataset_path",
+                str(data_dir),
+                "--output_path",
+                str(out),
+                "--hook_names",
+                "x",
+                "--n_positions",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "n_positions" in capsys.readouterr().err

@@ -45,7 +45,13 @@ def test_every_saelens_field_exists_with_the_same_name():
     ours = {f.name for f in dataclasses.fields(CacheActivationsRunnerConfig)}
     theirs = {f.name for f in dataclasses.fields(SaeLensConfig)}
     assert theirs <= ours, theirs - ours
-    pr612 = {"disable_concat_sequences", "sequence_separator_token", "exclude_special_tokens", "shuffle_across_sequences", "hook_layer"}
+    pr612 = {
+        "disable_concat_sequences",
+        "sequence_separator_token",
+        "exclude_special_tokens",
+        "shuffle_across_sequences",
+        "hook_layer",
+    }
     assert pr612 <= ours
 
 
@@ -58,8 +64,20 @@ def test_a_saelens_config_constructs_ours_unchanged():
 
 def test_saelens_positional_order_is_kept():
     ours = CacheActivationsRunnerConfig("ds", "m", 3, "blocks.0.hook_resid_post", 16, 1000, 10)
-    assert (ours.dataset_path, ours.model_name, ours.model_batch_size, ours.d_in, ours.training_tokens, ours.context_size) == (
-        "ds", "m", 3, 16, 1000, 10,
+    assert (
+        ours.dataset_path,
+        ours.model_name,
+        ours.model_batch_size,
+        ours.d_in,
+        ours.training_tokens,
+        ours.context_size,
+    ) == (
+        "ds",
+        "m",
+        3,
+        16,
+        1000,
+        10,
     )
 
 

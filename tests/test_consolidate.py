@@ -7,8 +7,7 @@ import json
 import pytest
 from datasets import load_from_disk
 
-from sae_cache import CacheActivationsRunner
-from sae_cache import consolidate
+from sae_cache import CacheActivationsRunner, consolidate
 from sae_cache.arrow_format import METADATA_FILE
 from sae_cache.consolidate import RunPaths, repair_interrupted_swap, swap_into_place
 
@@ -80,6 +79,8 @@ def test_runner_overwrite_failing_mid_swap_keeps_the_old_cache(model, text_datas
     out = make_cfg().new_cached_activations_path
     monkeypatch.setattr(consolidate, "fault_point", fail_at("install"))
     with pytest.raises(Injected):
-        CacheActivationsRunner(make_cfg(training_tokens=16 * 12, overwrite=True), override_dataset=text_dataset, model=model).run()
+        CacheActivationsRunner(
+            make_cfg(training_tokens=16 * 12, overwrite=True), override_dataset=text_dataset, model=model
+        ).run()
     assert len(load_from_disk(out)) == len(first) == 40
     assert json.loads((RunPaths(__import__("pathlib").Path(out)).out / METADATA_FILE).read_text())["n_rows"] == 40

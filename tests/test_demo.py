@@ -55,7 +55,9 @@ def test_tokenizer_round_trips_and_special_ids(model):
 
 def test_model_is_trained_on_held_out_text(model, paragraphs):
     held_out = [p for i, p in enumerate(paragraphs) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1]
-    stream = [i for p in held_out[:200] for i in [0, *model.tokenizer.encode(p, add_special_tokens=False)]]  # the training layout
+    stream = [
+        i for p in held_out[:200] for i in [0, *model.tokenizer.encode(p, add_special_tokens=False)]
+    ]  # the training layout
     rows = torch.cat([torch.zeros(4, 1, dtype=torch.long), torch.tensor(stream[: 4 * 255]).view(4, 255)], dim=1)
     with torch.no_grad():
         loss = model(rows, return_type="loss").item()
@@ -63,7 +65,9 @@ def test_model_is_trained_on_held_out_text(model, paragraphs):
 
 
 def test_run_with_cache_gives_default_hook(model):
-    _, cache = model.run_with_cache("Emma Woodhouse, handsome, clever, and rich.", names_filter="blocks.2.hook_resid_post")
+    _, cache = model.run_with_cache(
+        "Emma Woodhouse, handsome, clever, and rich.", names_filter="blocks.2.hook_resid_post"
+    )
     acts = cache["blocks.2.hook_resid_post"]
     assert acts.shape[-1] == 256 and torch.isfinite(acts).all()
 

@@ -152,7 +152,10 @@ def test_arrow_files_are_the_same_bytes_either_way(tmp_path, labels):
     features = cache_features({"h": 8}, 5, "float32", labels)
     rng = np.random.default_rng(0)
     batches = [
-        {"h": rng.standard_normal((n, 5, 8), dtype=np.float32), "token_ids": rng.integers(0, 99, (n, 5), dtype=np.int32)}
+        {
+            "h": rng.standard_normal((n, 5, 8), dtype=np.float32),
+            "token_ids": rng.integers(0, 99, (n, 5), dtype=np.int32),
+        }
         | ({"label": np.arange(n, dtype=np.int64)} if labels else {})
         for n in (3, 1, 17, 250)
     ]
@@ -174,7 +177,9 @@ def digest(path: str) -> str:
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_the_runner_writes_only_final_files_around_the_page_cache(model, text_dataset, make_cfg, tmp_path, monkeypatch, shuffle):
+def test_the_runner_writes_only_final_files_around_the_page_cache(
+    model, text_dataset, make_cfg, tmp_path, monkeypatch, shuffle
+):
     opened = []
     real_init = ArrowFileWriter.__init__
 

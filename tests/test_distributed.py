@@ -46,8 +46,16 @@ dist.destroy_process_group()
 
 def options(out: Path, **overrides) -> dict:
     fields = dict(
-        dataset_path="x", model_name="tiny", model_batch_size=5, hook_name=HOOK, d_in=32, training_tokens=16 * 43,
-        context_size=16, new_cached_activations_path=str(out), shuffle=False, device="cpu",
+        dataset_path="x",
+        model_name="tiny",
+        model_batch_size=5,
+        hook_name=HOOK,
+        d_in=32,
+        training_tokens=16 * 43,
+        context_size=16,
+        new_cached_activations_path=str(out),
+        shuffle=False,
+        device="cpu",
         buffer_size_gb=10 * (16 * 32 * 4 + 16 * 4 + 17 * 4) * 1.001 / 1e9,
     )
     return {**fields, **overrides}
@@ -58,7 +66,12 @@ def run_ranks(world: int, opts: dict, tmp_path: Path, *, expect_ok: bool = True)
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
     init = f"file://{tmp_path}/init-{os.urandom(4).hex()}"
     procs = [
-        subprocess.Popen([sys.executable, str(script), str(r), str(world), init, json.dumps(opts)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(world), init, json.dumps(opts)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in range(world)
     ]
     results = []
@@ -90,7 +103,9 @@ def single(tmp_path_factory, request):
     data = datasets.Dataset.from_dict({"text": make_texts(400)})
     from sae_cache import CacheActivationsRunnerConfig
 
-    plain = CacheActivationsRunner(CacheActivationsRunnerConfig(**options(base / "plain")), override_dataset=data, model=model).run()
+    plain = CacheActivationsRunner(
+        CacheActivationsRunnerConfig(**options(base / "plain")), override_dataset=data, model=model
+    ).run()
     return {"plain": base / "plain", "n": len(plain)}
 
 
@@ -128,7 +143,12 @@ def test_shuffled_multi_rank_cache_is_reproducible(single, tmp_path):
 def test_a_killed_rank_resumes(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "killed"
     run_ranks(2, options(ref, training_tokens=16 * 85, shuffle=True), tmp_path)
-    results = run_ranks(2, options(out, training_tokens=16 * 85, shuffle=True, kill_rank=1, kill_at_forward=5), tmp_path, expect_ok=False)
+    results = run_ranks(
+        2,
+        options(out, training_tokens=16 * 85, shuffle=True, kill_rank=1, kill_at_forward=5),
+        tmp_path,
+        expect_ok=False,
+    )
     assert results[1].returncode == -signal.SIGKILL
     assert results[0].returncode != 0 and not out.exists()  # rank 0 failed instead of waiting forever
     shards = Path(str(out) + ".sae_cache-tmp") / "shards"

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import ROW_BYTES
 from datasets import load_from_disk
 
-from conftest import ROW_BYTES
 from sae_cache.arrow_format import INFO_FILE, METADATA_FILE, STATE_FILE
 from sae_cache.consolidate import RunPaths
 from sae_cache.metadata import NON_OUTPUT_FIELDS
@@ -89,7 +89,6 @@ class Scenario:
         return self.rerun or ("same" if self.overwrite else "resume")
 
 
-
 SCENARIOS = [
     # fresh runs, resumed with resume=True
     Scenario("forward-rows", "rows", "forward", 3),
@@ -107,7 +106,12 @@ SCENARIOS = [
     Scenario("gather-shuffle-one-pass", "shuffle-one-pass", "gather", 9, shards=N_SHARDS),
     Scenario("stage-link-rows", "rows", "stage-link", 2, shards=N_SHARDS),
     Scenario(
-        "stage-move-rows", "rows", "stage-link", 2, shards=N_SHARDS, patches=("no-hardlinks",),
+        "stage-move-rows",
+        "rows",
+        "stage-link",
+        2,
+        shards=N_SHARDS,
+        patches=("no-hardlinks",),
     ),
     Scenario("forward-then-gather-shuffle", "shuffle", "forward", 3, again=("gather", 5), shards=N_SHARDS),
     Scenario("staging-metadata-rows", "rows", "staging-metadata", shards=N_SHARDS),
@@ -118,22 +122,61 @@ SCENARIOS = [
     # overwrite runs over an old cache: the next run is the same overwrite command unless said otherwise
     Scenario("ow-forward-shuffle", "shuffle", "forward", 4, overwrite=True, after_kill="old"),
     Scenario("ow-gather-across", "across", "gather", 7, overwrite=True, after_kill="old", shards=N_SHARDS),
-    Scenario("ow-gather-shuffle-one-pass", "shuffle-one-pass", "gather", 4, overwrite=True, after_kill="old", shards=N_SHARDS),
+    Scenario(
+        "ow-gather-shuffle-one-pass", "shuffle-one-pass", "gather", 4, overwrite=True, after_kill="old", shards=N_SHARDS
+    ),
     Scenario("ow-staging-metadata-rows", "rows", "staging-metadata", overwrite=True, after_kill="old", shards=N_SHARDS),
     Scenario("ow-swap-backup-rows", "rows", "swap", "backup", overwrite=True, after_kill="old", shards=N_SHARDS),
     Scenario("ow-swap-backup-across", "across", "swap", "backup", overwrite=True, after_kill="old", shards=N_SHARDS),
     Scenario("ow-swap-install-rows", "rows", "swap", "install", overwrite=True, backup="old", shards=N_SHARDS),
     Scenario("ow-swap-install-shuffle", "shuffle", "swap", "install", overwrite=True, backup="old", shards=N_SHARDS),
-    Scenario("ow-swap-cleanup-across", "across", "swap", "cleanup", overwrite=True, after_kill="new", backup="old", shards=N_SHARDS),
-    # the new cache is in place: resume=True only has to remove the leftovers
-    Scenario("ow-swap-cleanup-shuffle", "shuffle", "swap", "cleanup", overwrite=True, after_kill="new", backup="old", rerun="resume"),
-    Scenario("ow-remove-backup-rows", "rows", "rmtree-backup", overwrite=True, after_kill="new", backup="partial", rerun="resume"),
     Scenario(
-        "ow-swap-install-then-forward-across", "across", "swap", "install", overwrite=True, after_kill="old",
+        "ow-swap-cleanup-across",
+        "across",
+        "swap",
+        "cleanup",
+        overwrite=True,
+        after_kill="new",
+        backup="old",
+        shards=N_SHARDS,
+    ),
+    # the new cache is in place: resume=True only has to remove the leftovers
+    Scenario(
+        "ow-swap-cleanup-shuffle",
+        "shuffle",
+        "swap",
+        "cleanup",
+        overwrite=True,
+        after_kill="new",
+        backup="old",
+        rerun="resume",
+    ),
+    Scenario(
+        "ow-remove-backup-rows",
+        "rows",
+        "rmtree-backup",
+        overwrite=True,
+        after_kill="new",
+        backup="partial",
+        rerun="resume",
+    ),
+    Scenario(
+        "ow-swap-install-then-forward-across",
+        "across",
+        "swap",
+        "install",
+        overwrite=True,
+        after_kill="old",
         again=("forward", 2),
     ),
     Scenario(
-        "ow-forward-then-resume-rows", "rows", "forward", 6, overwrite=True, after_kill="old", rerun="resume",
+        "ow-forward-then-resume-rows",
+        "rows",
+        "forward",
+        6,
+        overwrite=True,
+        after_kill="old",
+        rerun="resume",
     ),
 ]
 
@@ -232,7 +275,9 @@ def observe(s: Scenario, root: Path, refs: dict[str, dict], sentinels_before: di
         "out": classify(out, {"new": refs[s.mode], "old": refs["old"]}),
         "backup": classify(paths.backup, {"new": refs[s.mode], "old": refs["old"]}),
         "work": paths.work.exists(),
-        "sentinels_changed": sorted(k for k in set(sentinels_before) | set(now) if now.get(k) != sentinels_before.get(k)),
+        "sentinels_changed": sorted(
+            k for k in set(sentinels_before) | set(now) if now.get(k) != sentinels_before.get(k)
+        ),
     }
     if obs["out"] in ("old", "new"):
         ds = load_from_disk(str(out))
@@ -316,28 +361,44 @@ def campaign(tmp_path_factory) -> Campaign:
         sentinels[s.id] = plant_sentinels(root)
         out = root / "cache"
         kill = job(
-            f"kill-{s.id}", config(s.mode, out, overwrite=s.overwrite), logs,
-            fault={"kind": s.fault, "n": s.n}, patches=s.all_patches,
+            f"kill-{s.id}",
+            config(s.mode, out, overwrite=s.overwrite),
+            logs,
+            fault={"kind": s.fault, "n": s.n},
+            patches=s.all_patches,
         )
         if s.overwrite:
             kill["copy"] = [[str(ref_paths["old"]), str(out)]]
         if s.again:
             kind, n = s.again
-            again_jobs.append(job(f"again-{s.id}", rerun_config(s, out), logs, fault={"kind": kind, "n": n}, patches=s.all_patches))
+            again_jobs.append(
+                job(f"again-{s.id}", rerun_config(s, out), logs, fault={"kind": kind, "n": n}, patches=s.all_patches)
+            )
         if s.inline:
             assert not s.overwrite and not s.again
             kill["digest_file"] = str(logs / "inline.digest")
             (logs / "inline.json").write_text(json.dumps(kill))
-            inline = (s, kill, subprocess.Popen(
-                [sys.executable, str(WORKER), "--inline", str(logs / "inline.json")],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            ))
+            inline = (
+                s,
+                kill,
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), "--inline", str(logs / "inline.json")],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                ),
+            )
         else:
             kill_jobs.append(kill)
 
     try:
         first = run_worker(
-            {"report": str(logs / "kills.report.json"), "parallel": 2, "timeout_s": 120, "waves": [ref_jobs, kill_jobs, again_jobs]},
+            {
+                "report": str(logs / "kills.report.json"),
+                "parallel": 2,
+                "timeout_s": 120,
+                "waves": [ref_jobs, kill_jobs, again_jobs],
+            },
             logs / "kills.spec.json",
         )
     except BaseException:
@@ -351,13 +412,18 @@ def campaign(tmp_path_factory) -> Campaign:
         s, kill, proc = inline
         output, _ = proc.communicate(timeout=300)
         Path(kill["log"]).write_text(output)
-        ended[kill["name"]] = {"signal": -proc.returncode if proc.returncode < 0 else None, "exit": max(proc.returncode, 0)}
+        ended[kill["name"]] = {
+            "signal": -proc.returncode if proc.returncode < 0 else None,
+            "exit": max(proc.returncode, 0),
+        }
         digests["inline"] = Path(kill["digest_file"]).read_text() if Path(kill["digest_file"]).exists() else "missing"
 
     for name, entry in first["jobs"].items():
         if name.startswith("ref-"):
             result = read_json(logs / f"{name}.result.json")
-            assert entry.get("exit") == 0 and result and result["ok"], f"reference {name} failed: {result}\n{tail(logs / f'{name}.log')}"
+            assert entry.get("exit") == 0 and result and result["ok"], (
+                f"reference {name} failed: {result}\n{tail(logs / f'{name}.log')}"
+            )
     refs = {name: signature(path) for name, path in ref_paths.items()}
 
     kills, rerun_jobs = {}, []
@@ -401,7 +467,9 @@ def params(phase: str):
 def test_every_process_works_on_the_same_inputs_and_the_references_differ(campaign):
     assert len(campaign.digests) == 3 and len(set(campaign.digests.values())) == 1, campaign.digests
     data = {name: tuple(ref["data"].values()) for name, ref in campaign.refs.items()}
-    assert len(set(data.values())) == len(data), "two configurations cached the same bytes: the checks would prove nothing"
+    assert len(set(data.values())) == len(data), (
+        "two configurations cached the same bytes: the checks would prove nothing"
+    )
 
 
 @pytest.mark.parametrize("s", params("kill"))
@@ -410,7 +478,9 @@ def test_kill_leaves_the_old_cache_or_nothing_and_touches_nothing_else(campaign,
     obs = record["obs"]
     for kill in record["kills"]:
         why = f"\n{kill['name']}: marker {kill['marker']}\nresult: {kill['result']}\nlog:\n{tail(kill['log'])}"
-        assert kill["ended"].get("signal") == signal.SIGKILL and kill["marker"], f"not killed at its fault point: {kill['ended']}" + why
+        assert kill["ended"].get("signal") == signal.SIGKILL and kill["marker"], (
+            f"not killed at its fault point: {kill['ended']}" + why
+        )
     why = f"\nkilled at: {[k['marker'] for k in record['kills']]}\nobserved: {obs}"
     assert obs["sentinels_changed"] == [], "a file beside the output directory changed" + why
     assert set(obs["entries"]) <= SENTINEL_TOPS | TEMPORARIES | {"cache"}, why

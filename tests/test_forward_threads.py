@@ -61,7 +61,9 @@ def test_no_forward_pass_is_wasted_and_the_model_is_left_clean(model, token_data
     calls = []
     real = store.ActivationsStore._compute
     monkeypatch.setattr(
-        store.ActivationsStore, "_compute", lambda *a, **k: (calls.append(threading.current_thread().name), real(*a, **k))[1]
+        store.ActivationsStore,
+        "_compute",
+        lambda *a, **k: (calls.append(threading.current_thread().name), real(*a, **k))[1],
     )
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -76,7 +78,9 @@ def test_no_forward_pass_is_wasted_and_the_model_is_left_clean(model, token_data
     assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
 
 
-def test_an_error_on_a_forward_thread_stops_the_run_and_it_resumes_identically(model, text_dataset, make_cfg, tmp_path, monkeypatch):
+def test_an_error_on_a_forward_thread_stops_the_run_and_it_resumes_identically(
+    model, text_dataset, make_cfg, tmp_path, monkeypatch
+):
     calls = {"n": 0}
     real = store.ActivationsStore._compute
 

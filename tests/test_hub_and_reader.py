@@ -29,7 +29,9 @@ class FakeApi:
         self.calls.append(("create_branch", repo_id, kwargs))
 
     def upload_folder(self, *, folder_path, **kwargs):
-        files = sorted(p.relative_to(folder_path).as_posix() for p in __import__("pathlib").Path(folder_path).rglob("*.parquet"))
+        files = sorted(
+            p.relative_to(folder_path).as_posix() for p in __import__("pathlib").Path(folder_path).rglob("*.parquet")
+        )
         rows = sum(pq.read_metadata(f"{folder_path}/{f}").num_rows for f in files)
         self.calls.append(("upload_folder", files, rows, kwargs))
 

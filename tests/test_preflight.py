@@ -64,8 +64,12 @@ def test_separator_missing_from_tokenizer(model, text_dataset, make_cfg, no_forw
     from transformers import PreTrainedTokenizerFast
 
     no_sep = PreTrainedTokenizerFast(
-        tokenizer_object=model.tokenizer.backend_tokenizer, name_or_path="no-sep", add_bos_token=True,
-        bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+        tokenizer_object=model.tokenizer.backend_tokenizer,
+        name_or_path="no-sep",
+        add_bos_token=True,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
     )
     assert no_sep.sep_token_id is None
     other = copy.deepcopy(model)
@@ -129,9 +133,15 @@ def test_interrupted_run_needs_resume_or_overwrite(model, text_dataset, make_cfg
 
 
 def test_resume_gives_the_same_cache_and_refuses_changed_config(model, text_dataset, make_cfg, monkeypatch, tmp_path):
-    reference = CacheActivationsRunner(
-        make_cfg(shuffle=True, new_cached_activations_path=str(tmp_path / "ref")), override_dataset=text_dataset, model=model
-    ).run().with_format("torch")[:]
+    reference = (
+        CacheActivationsRunner(
+            make_cfg(shuffle=True, new_cached_activations_path=str(tmp_path / "ref")),
+            override_dataset=text_dataset,
+            model=model,
+        )
+        .run()
+        .with_format("torch")[:]
+    )
     real = store.ActivationsStore._compute
     monkeypatch.setattr(store.ActivationsStore, "_compute", interrupt_at_forward(6, real))
     with pytest.raises(KeyboardInterrupt):
@@ -140,8 +150,12 @@ def test_resume_gives_the_same_cache_and_refuses_changed_config(model, text_data
     shards = sorted(RunPaths(Path(make_cfg().new_cached_activations_path)).shards.glob("*.json"))
     assert len(shards) == 2  # two complete buffers of two batches each survived
     with pytest.raises(ValueError, match="seed"):
-        CacheActivationsRunner(make_cfg(shuffle=True, seed=1, resume=True), override_dataset=text_dataset, model=model).run()
-    resumed = CacheActivationsRunner(make_cfg(shuffle=True, resume=True), override_dataset=text_dataset, model=model).run()
+        CacheActivationsRunner(
+            make_cfg(shuffle=True, seed=1, resume=True), override_dataset=text_dataset, model=model
+        ).run()
+    resumed = CacheActivationsRunner(
+        make_cfg(shuffle=True, resume=True), override_dataset=text_dataset, model=model
+    ).run()
     resumed = resumed.with_format("torch")[:]
     assert torch.equal(resumed["token_ids"], reference["token_ids"])
     assert torch.equal(resumed["blocks.1.hook_resid_post"], reference["blocks.1.hook_resid_post"])
@@ -185,14 +199,19 @@ def test_disk_full_mid_run_is_clear_and_resumable(model, text_dataset, make_cfg,
         CacheActivationsRunner(make_cfg(), override_dataset=text_dataset, model=model).run()
     paths = RunPaths(Path(make_cfg().new_cached_activations_path))
     assert not paths.out.exists()
-    assert sorted(p.name for p in paths.shards.iterdir() if p.suffix == ".json") == ["shard_00000.json", "shard_00001.json"]
+    assert sorted(p.name for p in paths.shards.iterdir() if p.suffix == ".json") == [
+        "shard_00000.json",
+        "shard_00001.json",
+    ]
     monkeypatch.undo()
     ds = CacheActivationsRunner(make_cfg(resume=True), override_dataset=text_dataset, model=model).run()
     assert len(ds) == 40
 
 
 def test_pretokenized_dataset_too_small_fails_before_work(model, token_dataset, make_cfg, no_forward):
-    assert_fails_cleanly(make_cfg(context_size=24, training_tokens=24 * 201), token_dataset, model, "has 200 rows of 24 tokens")
+    assert_fails_cleanly(
+        make_cfg(context_size=24, training_tokens=24 * 201), token_dataset, model, "has 200 rows of 24 tokens"
+    )
 
 
 def test_text_dataset_too_small_warns_with_the_count(model, make_cfg):

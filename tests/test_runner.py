@@ -81,7 +81,7 @@ def test_unshuffled_cache_equals_run_with_cache(model, text_dataset, make_cfg, o
         prepend_bos=cfg.prepend_bos,
         separator=cfg.sequence_separator_token,
         disable_concat=cfg.disable_concat_sequences,
-    )[: 40]
+    )[:40]
     positions = slice(*cfg.seqpos_slice)
     assert torch.equal(ds["token_ids"].long(), rows[:, positions])
     truth = ground_truth(model, rows, cfg.hook_names, cfg.model_batch_size, positions)
@@ -114,7 +114,11 @@ def test_format_contract(model, text_dataset, make_cfg, tmp_path):
     names = sorted(os.listdir(out))
     n = plan.n_buffers
     assert n == -(-37 // plan.rows_per_buffer) and n > 1
-    assert names == [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)] + ["dataset_info.json", METADATA_FILE, "state.json"]
+    assert names == [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)] + [
+        "dataset_info.json",
+        METADATA_FILE,
+        "state.json",
+    ]
     last = datasets.Dataset.from_file(str(out / f"data-{n - 1:05d}-of-{n:05d}.arrow"))
     assert len(last) == 37 - (n - 1) * plan.rows_per_buffer
     meta = json.loads((out / METADATA_FILE).read_text())
@@ -182,7 +186,9 @@ def test_float16_overflow_is_detected(tokenizer, text_dataset, make_cfg, model):
 
 def test_model_batch_size_does_not_change_the_rows(model, text_dataset, make_cfg, tmp_path):
     a = as_torch(run(make_cfg(model_batch_size=5), text_dataset, model))
-    b = as_torch(run(make_cfg(model_batch_size=3, new_cached_activations_path=str(tmp_path / "b")), text_dataset, model))
+    b = as_torch(
+        run(make_cfg(model_batch_size=3, new_cached_activations_path=str(tmp_path / "b")), text_dataset, model)
+    )
     assert torch.equal(a["token_ids"], b["token_ids"])
     torch.testing.assert_close(a[HOOK], b[HOOK], atol=1e-5, rtol=1e-5)
 

@@ -26,7 +26,7 @@ import torch
 
 pytest.importorskip("sae_lens")
 
-from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, SAE, StandardTrainingSAEConfig  # noqa: E402
+from sae_lens import SAE, LanguageModelSAERunnerConfig, LoggingConfig, StandardTrainingSAEConfig  # noqa: E402
 from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner  # noqa: E402
 from sae_lens.training.activations_store import ActivationsStore  # noqa: E402
 from sae_lens.util import get_special_token_ids  # noqa: E402
@@ -59,7 +59,9 @@ def offline(monkeypatch, tmp_path):
 
 
 def make_cache(make_cfg, dataset, model, name: str, **overrides) -> tuple[Path, datasets.Dataset]:
-    cfg = make_cfg(new_cached_activations_path=str(Path(make_cfg().new_cached_activations_path).parent / name), **overrides)
+    cfg = make_cfg(
+        new_cached_activations_path=str(Path(make_cfg().new_cached_activations_path).parent / name), **overrides
+    )
     returned = CacheActivationsRunner(cfg, override_dataset=dataset, model=model).run()
     return Path(cfg.new_cached_activations_path), returned
 
@@ -241,7 +243,7 @@ def test_saelens_exclude_special_tokens_filters_through_cached_token_ids(make_cf
     acts = on_disk[hook].reshape(-1, D_IN)
     ids = on_disk["token_ids"].reshape(-1).long()
     special = torch.isin(ids, torch.tensor(get_special_token_ids(model.tokenizer)))
-    assert special[:: 16].all(), "every row of a prepend_bos cache starts with BOS"
+    assert special[::16].all(), "every row of a prepend_bos cache starts with BOS"
     assert 0 < special.sum() < len(ids)
     assert torch.equal(kept, acts[~special])
 
@@ -317,7 +319,9 @@ def test_cache_equals_saelens_own_cache_activations_runner(hook, make_cfg, text_
     from sae_lens import CacheActivationsRunnerConfig as SaeLensCacheConfig
 
     cfg = make_cfg(shuffle=False, hook_name=hook)
-    ours = datasets.load_from_disk(str(make_cache(make_cfg, text_dataset, model, "ours", shuffle=False, hook_name=hook)[0]))
+    ours = datasets.load_from_disk(
+        str(make_cache(make_cfg, text_dataset, model, "ours", shuffle=False, hook_name=hook)[0])
+    )
     monkeypatch.setattr(saelens_runner, "load_model", lambda **kwargs: model)  # SAELens cannot take a model object
     theirs_cfg = SaeLensCacheConfig(
         dataset_path=cfg.dataset_path,
@@ -342,15 +346,21 @@ def test_cache_equals_saelens_own_cache_activations_runner(hook, make_cfg, text_
     torch.testing.assert_close(ours_t[cfg.hook_name], theirs_t[cfg.hook_name], rtol=1e-5, atol=1e-5)
 
 
-def test_saelens_default_cached_activations_path_finds_our_default_output(make_cfg, text_dataset, model, tmp_path, monkeypatch):
+def test_saelens_default_cached_activations_path_finds_our_default_output(
+    make_cfg, text_dataset, model, tmp_path, monkeypatch
+):
     """Single hook, no path given on either side: SAELens looks exactly where we wrote."""
     monkeypatch.chdir(tmp_path)
     cfg = make_cfg(new_cached_activations_path=None, dataset_path="org/some-text", shuffle=True)
     CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model).run()
-    train_cfg = training_config(Path("unused"), cfg.hook_name, tmp_path, dataset_path="org/some-text", cached_activations_path=None)
+    train_cfg = training_config(
+        Path("unused"), cfg.hook_name, tmp_path, dataset_path="org/some-text", cached_activations_path=None
+    )
     assert train_cfg.cached_activations_path == cfg.new_cached_activations_path
 
     store = ActivationsStore.from_config(model, train_cfg, override_dataset=text_dataset)
 
     acts, _ = store.get_raw_llm_batch()
-    assert torch.equal(acts.reshape(-1, 16, D_IN), columns(tmp_path / cfg.new_cached_activations_path)[cfg.hook_name][:4])
+    assert torch.equal(
+        acts.reshape(-1, 16, D_IN), columns(tmp_path / cfg.new_cached_activations_path)[cfg.hook_name][:4]
+    )

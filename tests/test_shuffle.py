@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sae_cache import CacheActivationsRunner
-from sae_cache.arrow_format import ArrowFileWriter, cache_features, read_arrow_columns
 from sae_cache import shuffle as shuffle_module
+from sae_cache.arrow_format import ArrowFileWriter, cache_features, read_arrow_columns
 from sae_cache.shuffle import _bytes_per_row, item_keys, shuffle_shards
 
 HOOK = "blocks.1.hook_resid_post"
@@ -71,7 +71,10 @@ def test_same_seed_same_bytes_other_seed_other_order(model, text_dataset, make_c
 def test_order_does_not_depend_on_buffer_size(model, text_dataset, make_cfg, tmp_path, across):
     small = make_cfg(shuffle=True, shuffle_across_sequences=across, new_cached_activations_path=str(tmp_path / "s"))
     big = make_cfg(
-        shuffle=True, shuffle_across_sequences=across, buffer_size_gb=small.buffer_size_gb * 3, new_cached_activations_path=str(tmp_path / "b")
+        shuffle=True,
+        shuffle_across_sequences=across,
+        buffer_size_gb=small.buffer_size_gb * 3,
+        new_cached_activations_path=str(tmp_path / "b"),
     )
     acts_s, tokens_s = cache(small, text_dataset, model)
     acts_b, tokens_b = cache(big, text_dataset, model)
@@ -102,8 +105,15 @@ def test_exclude_special_tokens_drops_them_before_packing(model, text_dataset, m
 
 
 def test_exclude_true_uses_the_tokenizer_special_tokens(model, text_dataset, make_cfg):
-    _, tokens = cache(make_cfg(shuffle=True, shuffle_across_sequences=True, exclude_special_tokens=True), text_dataset, model)
-    special = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id, model.tokenizer.sep_token_id}
+    _, tokens = cache(
+        make_cfg(shuffle=True, shuffle_across_sequences=True, exclude_special_tokens=True), text_dataset, model
+    )
+    special = {
+        model.tokenizer.bos_token_id,
+        model.tokenizer.eos_token_id,
+        model.tokenizer.pad_token_id,
+        model.tokenizer.sep_token_id,
+    }
     assert not set(tokens.unique().tolist()) & special
 
 
@@ -144,7 +154,14 @@ def test_gather_holds_about_one_bucket(model, text_dataset, make_cfg, monkeypatc
     assert sum(largest) > 200 * 16 * 32 * 4  # yet every activation went through the buckets
 
 
-def synthetic_shards(directory: Path, rows_per_shard: list[int], length: int = 4, d: int = 3, batch_rows: int = 5, labels: dict | None = None):
+def synthetic_shards(
+    directory: Path,
+    rows_per_shard: list[int],
+    length: int = 4,
+    d: int = 3,
+    batch_rows: int = 5,
+    labels: dict | None = None,
+):
     """Shards of one float32 hook whose values and token ids are the stream position (row * length + position),
     written in record batches of batch_rows rows (as the runner writes a buffer in pieces); label columns
     (name -> dtype) hold the row index."""
@@ -181,8 +198,15 @@ def test_order_is_the_stable_sort_of_the_item_keys(tmp_path, mode, bucket_rows, 
     out = tmp_path / "out"
     out.mkdir()
     names = shuffle_shards(
-        files, features=features, seed=5, across_sequences=across, rows_per_file=6, n_rows=n_rows,
-        scratch=tmp_path / "scratch", out_dir=out, bucket_bytes=int(bucket_rows * _bytes_per_row(features)),
+        files,
+        features=features,
+        seed=5,
+        across_sequences=across,
+        rows_per_file=6,
+        n_rows=n_rows,
+        scratch=tmp_path / "scratch",
+        out_dir=out,
+        bucket_bytes=int(bucket_rows * _bytes_per_row(features)),
     )
     assert names == [f"data-{i:05d}-of-00004.arrow" for i in range(4)]
     tokens = np.concatenate([c["token_ids"] for name in names for c in read_arrow_columns(out / name)])
@@ -214,8 +238,17 @@ def test_the_scatter_frees_the_page_cache_of_exactly_the_bytes_it_read(tmp_path,
     monkeypatch.setattr(os, "posix_fadvise", spy)
     monkeypatch.setattr(shuffle_module, "SCATTER_CHUNK_BYTES", _bytes_per_row(features) * 2)  # several chunks per batch
     (tmp_path / "out").mkdir()
-    shuffle_shards(files, features=features, seed=5, across_sequences=across, rows_per_file=6, n_rows=n_rows,
-                   scratch=tmp_path / "scratch", out_dir=tmp_path / "out", bucket_bytes=_bytes_per_row(features) * 3)
+    shuffle_shards(
+        files,
+        features=features,
+        seed=5,
+        across_sequences=across,
+        rows_per_file=6,
+        n_rows=n_rows,
+        scratch=tmp_path / "scratch",
+        out_dir=tmp_path / "out",
+        bucket_bytes=_bytes_per_row(features) * 3,
+    )
     for f in files:
         expected = []
         for columns, base in shuffle_module._batch_columns_with_base(f):
@@ -228,6 +261,7 @@ def test_the_scatter_frees_the_page_cache_of_exactly_the_bytes_it_read(tmp_path,
 
 def _covers(got: list[tuple[int, int]], expected: list[tuple[int, int]]) -> bool:
     """The ranges in `got` are disjoint and their union is exactly the union of `expected`."""
+
     def union(ranges):
         out = []
         for offset, length in sorted(ranges):
@@ -259,8 +293,15 @@ def test_an_error_while_writing_propagates_and_stops_the_writer_thread(tmp_path,
     before = threading.active_count()
     with pytest.raises(OSError, match="disk full"):
         shuffle_shards(
-            files, features=features, seed=1, across_sequences=False, rows_per_file=4, n_rows=n_rows,
-            scratch=tmp_path / "scratch", out_dir=tmp_path, bucket_bytes=_bytes_per_row(features) * 2,
+            files,
+            features=features,
+            seed=1,
+            across_sequences=False,
+            rows_per_file=4,
+            n_rows=n_rows,
+            scratch=tmp_path / "scratch",
+            out_dir=tmp_path,
+            bucket_bytes=_bytes_per_row(features) * 2,
         )
     assert len(calls) == 2  # nothing was written after the failure
     assert threading.active_count() == before
@@ -277,11 +318,25 @@ def test_one_pass_writes_the_same_rows_as_two_passes(tmp_path, monkeypatch, labe
         force_rows_path(monkeypatch, one_pass)
         out = tmp_path / f"out{one_pass}"
         out.mkdir()
-        shuffle_shards(files, features=features, seed=11, across_sequences=False, rows_per_file=7, n_rows=n_rows,
-                       scratch=tmp_path / "scratch", out_dir=out, bucket_bytes=3 * _bytes_per_row(features))
+        shuffle_shards(
+            files,
+            features=features,
+            seed=11,
+            across_sequences=False,
+            rows_per_file=7,
+            n_rows=n_rows,
+            scratch=tmp_path / "scratch",
+            out_dir=out,
+            bucket_bytes=3 * _bytes_per_row(features),
+        )
         assert not (tmp_path / "scratch").exists() or not one_pass  # the one pass needs no scratch
-        written[one_pass] = {f.name: {k: np.concatenate([c[k] for c in read_arrow_columns(f)]) for k in features} for f in sorted(out.iterdir())}
-        rows = np.concatenate([c["token_ids"][:, 0] // 4 for name in sorted(out.iterdir()) for c in read_arrow_columns(name)])
+        written[one_pass] = {
+            f.name: {k: np.concatenate([c[k] for c in read_arrow_columns(f)]) for k in features}
+            for f in sorted(out.iterdir())
+        }
+        rows = np.concatenate(
+            [c["token_ids"][:, 0] // 4 for name in sorted(out.iterdir()) for c in read_arrow_columns(name)]
+        )
         assert np.array_equal(rows, np.argsort(item_keys(11, 0, n_rows), kind="stable"))
         for name in labels or {}:
             values = np.concatenate([c[name] for f in sorted(out.iterdir()) for c in read_arrow_columns(f)])
@@ -300,8 +355,17 @@ def test_one_pass_holds_two_chunks_of_rows(tmp_path, monkeypatch):
     real = shuffle_module._item_buffers
     monkeypatch.setattr(shuffle_module, "_item_buffers", lambda layouts, n: sizes.append(n) or real(layouts, n))
     features, files, n_rows = synthetic_shards(tmp_path, [40, 40, 40])
-    shuffle_shards(files, features=features, seed=2, across_sequences=False, rows_per_file=40, n_rows=n_rows,
-                   scratch=tmp_path / "scratch", out_dir=tmp_path, bucket_bytes=10 * _bytes_per_row(features))
+    shuffle_shards(
+        files,
+        features=features,
+        seed=2,
+        across_sequences=False,
+        rows_per_file=40,
+        n_rows=n_rows,
+        scratch=tmp_path / "scratch",
+        out_dir=tmp_path,
+        bucket_bytes=10 * _bytes_per_row(features),
+    )
     assert sizes == [10, 10]
 
 
@@ -317,8 +381,17 @@ def test_bool_labels_take_the_two_passes(tmp_path, monkeypatch):
     features, files, n_rows = synthetic_shards(tmp_path, [6, 6], labels={"flag": "bool"})
     out = tmp_path / "out"
     out.mkdir()
-    shuffle_shards(files, features=features, seed=3, across_sequences=False, rows_per_file=6, n_rows=n_rows,
-                   scratch=tmp_path / "scratch", out_dir=out, bucket_bytes=4 * _bytes_per_row(features))
+    shuffle_shards(
+        files,
+        features=features,
+        seed=3,
+        across_sequences=False,
+        rows_per_file=6,
+        n_rows=n_rows,
+        scratch=tmp_path / "scratch",
+        out_dir=out,
+        bucket_bytes=4 * _bytes_per_row(features),
+    )
     assert gathered == [1]
     rows = np.concatenate([c["token_ids"][:, 0] // 4 for f in sorted(out.iterdir()) for c in read_arrow_columns(f)])
     flags = np.concatenate([c["flag"] for f in sorted(out.iterdir()) for c in read_arrow_columns(f)])

@@ -11,12 +11,17 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import WORDS
 from datasets import ClassLabel, Dataset, Features, Sequence, Value
 
-from conftest import WORDS
 from sae_cache import targeted
 from sae_cache.arrow_format import (
-    METADATA_FILE, data_file_name, mixed_record_batch, targeted_features, write_dataset_files, write_record_batches,
+    METADATA_FILE,
+    data_file_name,
+    mixed_record_batch,
+    targeted_features,
+    write_dataset_files,
+    write_record_batches,
 )
 from sae_cache.target_spans import find_target, locate_prompts, span_positions, token_offsets, token_span
 from sae_cache.targeted import TargetedCacheConfig, cache_targeted, length_order, padding_tokens
@@ -52,19 +57,39 @@ def prompts_dataset():
     prompts[5] = "the river quickly the river slowly."  # two occurrences
     targets[5] = "river"
     n = len(prompts)
-    features = Features({
-        "prompt": Value("string"), "target": Value("string"), "name": Value("string"), "year": Value("int32"),
-        "known": ClassLabel(names=["unknown", "known"]), "score": Value("float64"), "tags": Sequence(Value("string")),
-    })
-    return Dataset.from_dict({
-        "prompt": prompts, "target": targets, "name": [f"entity-{i}" for i in range(n)], "year": list(range(1900, 1900 + n)),
-        "known": [i % 2 for i in range(n)], "score": [i / 7 for i in range(n)], "tags": [["t"] * (i % 3) for i in range(n)],
-    }, features=features)
+    features = Features(
+        {
+            "prompt": Value("string"),
+            "target": Value("string"),
+            "name": Value("string"),
+            "year": Value("int32"),
+            "known": ClassLabel(names=["unknown", "known"]),
+            "score": Value("float64"),
+            "tags": Sequence(Value("string")),
+        }
+    )
+    return Dataset.from_dict(
+        {
+            "prompt": prompts,
+            "target": targets,
+            "name": [f"entity-{i}" for i in range(n)],
+            "year": list(range(1900, 1900 + n)),
+            "known": [i % 2 for i in range(n)],
+            "score": [i / 7 for i in range(n)],
+            "tags": [["t"] * (i % 3) for i in range(n)],
+        },
+        features=features,
+    )
 
 
 def make_config(tmp_path, name: str = "cache", **overrides) -> TargetedCacheConfig:
-    fields = dict(output_path=str(tmp_path / name), hook_names=HOOKS, label_columns=["name", "year", "known", "score", "tags"],
-                  n_positions=2, batch_size=3)
+    fields = dict(
+        output_path=str(tmp_path / name),
+        hook_names=HOOKS,
+        label_columns=["name", "year", "known", "score", "tags"],
+        n_positions=2,
+        batch_size=3,
+    )
     fields.update(overrides)
     return TargetedCacheConfig(**fields)
 
@@ -196,12 +221,22 @@ def test_rows_never_drift_and_carry_their_labels(cached, prompts_dataset, tokeni
         assert out.features[column] == prompts_dataset.features[column]
     for row in out:
         source = prompts_dataset[row["source_index"]]
-        assert row["token_ids"] == [tokenizer.bos_token_id] + tokenizer(source["prompt"], add_special_tokens=False)["input_ids"]
+        assert (
+            row["token_ids"]
+            == [tokenizer.bos_token_id] + tokenizer(source["prompt"], add_special_tokens=False)["input_ids"]
+        )
         cached_text = tokenizer.decode(row["token_ids"][row["positions"][0] : row["positions"][1] + 1])
         assert source["target"].strip()[-1] in cached_text  # the cached tokens end the target
     counts = metadata(path)["counts"]
-    assert counts == {"input_rows": 14, "kept": 13, "skipped": 1, "not_found": 1, "short_span": 0, "beyond_context": 0,
-                      "multiple_occurrences": counts["multiple_occurrences"]}
+    assert counts == {
+        "input_rows": 14,
+        "kept": 13,
+        "skipped": 1,
+        "not_found": 1,
+        "short_span": 0,
+        "beyond_context": 0,
+        "multiple_occurrences": counts["multiple_occurrences"],
+    }
     assert counts["multiple_occurrences"] >= 1
 
 
@@ -254,11 +289,15 @@ def test_sorting_and_shuffling_do_not_change_any_row(cached, model, prompts_data
 
 def test_short_spans_are_padded_with_minus_one_and_zeros_or_skipped(model, tmp_path):
     data = Dataset.from_dict({"prompt": ["the river flows.", "a blue river."], "target": [".", "blue river"]})
-    padded = cache_targeted(make_config(tmp_path, "p", n_positions=4, label_columns=[]), data, model).with_format("numpy")
+    padded = cache_targeted(make_config(tmp_path, "p", n_positions=4, label_columns=[]), data, model).with_format(
+        "numpy"
+    )
     positions = padded["positions"][:]
     assert (positions[0][:3] == -1).all() and positions[0][3] == len(padded[0]["token_ids"]) - 1
     assert (padded[0][HOOKS[0]][:3] == 0).all() and (padded[0][HOOKS[0]][3] != 0).any()
-    skipped = cache_targeted(make_config(tmp_path, "s", n_positions=4, short_span="skip", label_columns=[]), data, model)
+    skipped = cache_targeted(
+        make_config(tmp_path, "s", n_positions=4, short_span="skip", label_columns=[]), data, model
+    )
     assert skipped["source_index"] == [1]
     assert metadata(tmp_path / "s")["counts"]["short_span"] == 1
 
@@ -271,7 +310,9 @@ def test_forward_stops_at_the_last_cached_token_and_targets_past_n_ctx_are_skipp
     out = cache_targeted(make_config(tmp_path, n_positions=1, label_columns=[]), data, model).with_format("torch")
     assert out["source_index"][:].tolist() == [0] and metadata(tmp_path / "cache")["counts"]["beyond_context"] == 1
     row = out[0]
-    torch.testing.assert_close(row[HOOKS[0]], reference(model, row["token_ids"].tolist(), row["positions"].tolist(), HOOKS[0]))
+    torch.testing.assert_close(
+        row[HOOKS[0]], reference(model, row["token_ids"].tolist(), row["positions"].tolist(), HOOKS[0])
+    )
 
 
 # --- automatic batch size -------------------------------------------------------------------------
@@ -307,7 +348,9 @@ def test_out_of_memory_halves_the_batch_and_reports_the_size(model, prompts_data
 
 
 @pytest.mark.parametrize(("limit", "auto"), [(None, True), (2, False)])
-def test_out_of_memory_is_raised_at_size_one_or_without_auto(model, prompts_dataset, tmp_path, monkeypatch, limit, auto):
+def test_out_of_memory_is_raised_at_size_one_or_without_auto(
+    model, prompts_dataset, tmp_path, monkeypatch, limit, auto
+):
     monkeypatch.setattr(targeted, "probe_hook_dims", lambda model, hooks: {HOOKS[0]: 32, HOOKS[1]: 32})
     fake_oom_above(monkeypatch, model, limit)
     with pytest.raises(torch.cuda.OutOfMemoryError):
@@ -382,14 +425,22 @@ def test_rows_split_across_several_files_keep_their_order(model, prompts_dataset
 
 
 def test_targeted_columns_round_trip_through_load_from_disk(tmp_path):
-    labels = Features({"name": Value("string"), "known": ClassLabel(names=["no", "yes"]), "tags": Sequence(Value("string"))})
+    labels = Features(
+        {"name": Value("string"), "known": ClassLabel(names=["no", "yes"]), "tags": Sequence(Value("string"))}
+    )
     features = targeted_features({"blocks.0.hook_resid_post": 3}, 2, "float16", labels)
     rng = np.random.default_rng(0)
     token_ids = [np.array([0, 5, 6], np.int32), np.array([], np.int32), np.arange(40, dtype=np.int32)]
     acts = rng.standard_normal((3, 2, 3)).astype(np.float16)
-    source = Dataset.from_dict({"name": ["a", "b", None], "known": [1, 0, 1], "tags": [["x"], [], ["y", "z"]]}, features=labels)
-    columns = {"token_ids": token_ids, "positions": np.array([[-1, 2], [0, 1], [38, 39]]), "blocks.0.hook_resid_post": acts,
-               "source_index": np.array([7, 8, 9])}
+    source = Dataset.from_dict(
+        {"name": ["a", "b", None], "known": [1, 0, 1], "tags": [["x"], [], ["y", "z"]]}, features=labels
+    )
+    columns = {
+        "token_ids": token_ids,
+        "positions": np.array([[-1, 2], [0, 1], [38, 39]]),
+        "blocks.0.hook_resid_post": acts,
+        "source_index": np.array([7, 8, 9]),
+    }
     table = source.with_format("arrow")[:]
     columns.update({c: table.column(c) for c in labels})
     name = data_file_name(0, 1)

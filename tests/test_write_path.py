@@ -20,7 +20,9 @@ HOOK = "blocks.1.hook_resid_post"
     ids=["default-2GB", "64MiB", "tiny", "10GB-wide"],
 )
 def test_pieces_cover_each_buffer_and_stay_small(buffer_gb, d):
-    cfg = CacheActivationsRunnerConfig(hook_name=HOOK, training_tokens=3_000_000, context_size=128, buffer_size_gb=buffer_gb)
+    cfg = CacheActivationsRunnerConfig(
+        hook_name=HOOK, training_tokens=3_000_000, context_size=128, buffer_size_gb=buffer_gb
+    )
     plan = make_plan(cfg, context_size=128, hook_dims={HOOK: d})
     assert plan.rows_per_piece >= 1
     assert plan.rows_per_piece * plan.bytes_per_row <= max(PIECE_BYTES, plan.bytes_per_row)
