@@ -42,7 +42,7 @@ def train(cache: Path, model, tokens: int, out: Path):
         dataset_path="sae-cache/demo-text",  # only peeked at: override_dataset is given, the cache is read
         is_dataset_tokenized=False,
         streaming=False,
-        context_size=reader.context_size,
+        context_size=reader.sliced_context_size,
         use_cached_activations=True,
         cached_activations_path=str(cache),
         training_tokens=tokens,

@@ -3,8 +3,8 @@
     from sae_cache import CacheActivationsRunnerConfig, CacheActivationsRunner
     CacheActivationsRunner(CacheActivationsRunnerConfig(...)).run()
 
-The pipeline, one module per stage: config -> plan -> data/tokenization -> model -> store ->
-arrow_format (writer) -> consolidate/shuffle -> runner -> cli. `reader` iterates a cache for training.
+The pipeline, one module per stage: config -> plan -> data/tokenization -> model -> store (compute) ->
+writer (shards) -> shuffle -> publish -> runner -> cli. `reader` iterates a cache for training.
 The heavy modules (TransformerLens, datasets) load on first use, so the CLI answers --help at once.
 """
 

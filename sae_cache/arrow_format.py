@@ -1,19 +1,19 @@
 """The on-disk layout that `datasets.load_from_disk` opens: one module owns it.
 
 A cache directory holds `data-XXXXX-of-NNNNN.arrow` files (Arrow IPC streams whose schema carries
-datasets' `huggingface` metadata), `state.json`, `dataset_info.json`, and our `sae_cache.json`.
-Activations are datasets' `Array2D(shape=(length, d), dtype)` columns, one per hook, and token ids a
-`Sequence(Value("int32"), length=length)` column. Files are written with pyarrow directly from the
-arrays' memory (no per-element Python work, no extra full copy) and read back zero-copy from
-memory maps. The round trip through `datasets.load_from_disk` is tested in tests/test_arrow_format.py.
+datasets' `huggingface` metadata), `state.json`, `dataset_info.json` (and our metadata file, which
+datasets ignores: sae_cache.metadata). Activations are datasets' `Array2D(shape=(sliced_context_size, d),
+dtype)` columns, one per hook, and token ids a `Sequence(Value("int32"), length=sliced_context_size)`
+column; position-targeted caches add variable-length token ids, positions, a source index and labels.
+Files are written with pyarrow directly from the arrays' memory (no per-element Python work, no extra full copy)
+and read back zero-copy from memory maps. The round trip through `datasets.load_from_disk` is tested in tests/test_arrow_format.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +21,20 @@ import pyarrow as pa
 from datasets import Array2D, Features, Sequence, Value
 from datasets.features.features import Array2DExtensionType, List, get_nested_type
 
+from sae_cache.columns import POSITIONS, SOURCE_INDEX, TOKEN_IDS
 from sae_cache.direct_io import DirectFile
+from sae_cache.files import fsync_path, write_json_atomic
 
-TOKEN_IDS = "token_ids"
-METADATA_FILE = "sae_cache.json"
 STATE_FILE = "state.json"
 INFO_FILE = "dataset_info.json"
 
 
 def cache_features(
-    hook_dims: dict[str, int], length: int, dtype: str, labels: dict[str, str] | None = None
+    hook_dims: dict[str, int], sliced_context_size: int, dtype: str, labels: dict[str, str] | None = None
 ) -> Features:
     """The datasets Features of a cache: one Array2D column per hook, token_ids, then numeric label columns."""
-    columns: dict = {hook: Array2D(shape=(length, d), dtype=dtype) for hook, d in hook_dims.items()}
-    columns[TOKEN_IDS] = Sequence(Value("int32"), length=length)
+    columns: dict = {hook: Array2D(shape=(sliced_context_size, d), dtype=dtype) for hook, d in hook_dims.items()}
+    columns[TOKEN_IDS] = Sequence(Value("int32"), length=sliced_context_size)
     columns.update({name: Value(label_dtype) for name, label_dtype in (labels or {}).items()})
     return Features(columns)
 
@@ -97,7 +97,10 @@ class ArrowFileWriter:
         self.rows = 0
 
     def write(self, columns: dict[str, np.ndarray]) -> None:
-        batch = record_batch(self.features, columns)
+        """Append `columns` (numpy arrays in the cache's dtypes) as one record batch."""
+        self.write_batch(record_batch(self.features, columns))
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
         self._writer.write_batch(batch)
         self.rows += batch.num_rows
 
@@ -106,14 +109,6 @@ class ArrowFileWriter:
         self._sink.close()
         if not isinstance(self._sink, DirectFile):  # DirectFile fsyncs its own descriptor
             fsync_path(self.path)
-
-
-def write_arrow_file(path: Path, features: Features, columns: dict[str, np.ndarray]) -> int:
-    """Write one Arrow file holding `columns`; returns its row count."""
-    writer = ArrowFileWriter(path, features)
-    writer.write(columns)
-    writer.close()
-    return writer.rows
 
 
 def read_arrow_columns(path: Path) -> Iterator[dict[str, np.ndarray]]:
@@ -166,37 +161,10 @@ def fingerprint_of(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to `path` through a temporary file, fsync and rename: readers see old or new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or directory so that its contents (or its entries) survive a crash."""
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- Row-per-prompt caches (position-targeted caching, sae_cache/targeted.py) -------------------
 # Extra column kinds beside the Array2D activations: variable-length int32 token ids, fixed-length
 # int32 position lists, scalar Values, and label columns of any datasets Features given already in
 # Arrow form (taken from the input dataset's table).
-
-POSITIONS = "positions"
-SOURCE_INDEX = "source_index"
 
 
 def targeted_features(hook_dims: dict[str, int], n_positions: int, dtype: str, labels: Features) -> Features:
@@ -242,14 +210,3 @@ def _column_array(feature, values) -> pa.Array:
     if isinstance(feature, Value):
         return pa.array(np.asarray(values), type=arrow_type)
     raise TypeError(f"no numpy conversion for feature {feature!r}: give its column as an Arrow array")
-
-
-def write_record_batches(path: Path, features: Features, batches: Iterable[pa.RecordBatch]) -> int:
-    """Write record batches to one Arrow IPC stream file, fsynced; returns the row count."""
-    rows = 0
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, features.arrow_schema) as writer:
-        for batch in batches:
-            writer.write_batch(batch)
-            rows += batch.num_rows
-    fsync_path(path)
-    return rows

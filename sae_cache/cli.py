@@ -162,7 +162,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["info"]:
-        from sae_cache.inspect import main as info_main
+        from sae_cache.info import main as info_main
 
         return info_main(argv[1:])
     if argv[:1] == ["targeted"]:
@@ -216,15 +216,15 @@ def _targeted(argv: list[str]) -> int:
         print(f"sae_cache: error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s")
+    from sae_cache.config import default_device
     from sae_cache.data import open_dataset
     from sae_cache.model import load_model
     from sae_cache.targeted import cache_targeted
 
-    source = CacheActivationsRunnerConfig(dataset_path=args.dataset_path, model_name=args.model_name, streaming=False)
-    if args.device:
-        source.device = args.device
     try:
-        dataset = cache_targeted(cfg, open_dataset(source), load_model(source))
+        dataset = open_dataset(args.dataset_path, streaming=False)
+        model = load_model(args.model_name, device=args.device or default_device())
+        dataset = cache_targeted(cfg, dataset, model)
     except (ValueError, OSError, TypeError, RuntimeError) as e:
         print(f"sae_cache: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sae_cache.columns import TOKEN_IDS
+
 # Storage dtypes that the datasets Array2D format can hold, by every spelling we accept.
 STORAGE_DTYPES: dict[str, str] = {
     "float32": "float32",
@@ -22,11 +24,11 @@ STORAGE_DTYPES: dict[str, str] = {
     "torch.float16": "float16",
     "torch.float64": "float64",
 }
-SEPARATOR_NAMES = ("bos", "eos", "sep")
+SPECIAL_TOKEN_NAMES = ("bos", "eos", "sep")  # what sequence_separator_token may name besides a token id
 UNSET = -1
 
 
-def _default_device() -> str:
+def default_device() -> str:
     import torch  # here, not at import time: `python -m sae_cache --help` stays instant
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,7 +75,7 @@ class CacheActivationsRunnerConfig:
     dtype: str = "float32"
     """Storage dtype of the activations: float32, float16 or float64 (the Arrow format cannot hold bfloat16)."""
 
-    device: str = field(default_factory=_default_device)
+    device: str = field(default_factory=default_device)
     """Device of the model: cuda when available, else cpu."""
 
     buffer_size_gb: float = 2.0
@@ -191,6 +193,11 @@ def default_cache_path(dataset_path: str, model_name: str, hook_names: list[str]
     return f"activations/{dataset_path.replace('/', '_')}/{model_name.replace('/', '_')}/{hooks}"
 
 
+def sliced_length(context_size: int, seqpos_slice: tuple[int | None, ...]) -> int:
+    """The stored row length: how many positions of a context_size row seqpos_slice keeps."""
+    return len(range(context_size)[slice(*seqpos_slice)])
+
+
 def hook_layer_from_name(hook_name: str) -> int | None:
     """The layer of a TransformerLens hook name (`blocks.3.hook_resid_post` -> 3), None outside the blocks."""
     match = re.search(r"\.(\d+)(?:\.|$)", hook_name)
@@ -204,8 +211,8 @@ def _normalise_hook_names(hook_name: str | list[str]) -> str | list[str]:
         raise ValueError(f"hook_name={hook_name!r} contains an empty name: give one hook name or a list of them.")
     if len(set(names)) != len(names):
         raise ValueError(f"hook_name={hook_name!r} repeats a hook: list each hook once.")
-    if "token_ids" in names:
-        raise ValueError("hook_name may not be 'token_ids': that column holds the token ids.")
+    if TOKEN_IDS in names:
+        raise ValueError(f"hook_name may not be {TOKEN_IDS!r}: that column holds the token ids.")
     return names[0] if len(names) == 1 else names
 
 
@@ -253,7 +260,7 @@ def _check_seqpos_slice(cfg: CacheActivationsRunnerConfig) -> None:
     if len(s) == 3 and s[2] is not None and s[2] < 1:
         raise ValueError(f"seqpos_slice={s!r} has step {s[2]}: the step must be at least 1.")
     if cfg.context_size != UNSET:
-        kept = len(range(cfg.context_size)[slice(*s)])
+        kept = sliced_length(cfg.context_size, s)
         if kept == 0:
             raise ValueError(
                 f"seqpos_slice={s!r} selects no position of context_size={cfg.context_size}: widen the slice."
@@ -325,7 +332,7 @@ def _check_separator(cfg: CacheActivationsRunnerConfig) -> None:
     sep = cfg.sequence_separator_token
     if sep is None or (isinstance(sep, int) and not isinstance(sep, bool) and sep >= 0):
         return
-    if isinstance(sep, str) and sep in SEPARATOR_NAMES:
+    if isinstance(sep, str) and sep in SPECIAL_TOKEN_NAMES:
         return
     raise ValueError(f"sequence_separator_token={sep!r} must be 'bos', 'eos', 'sep', a token id >= 0, or None.")
 

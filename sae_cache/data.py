@@ -2,13 +2,14 @@
 
 Owns where data comes from (a dataset object, the bundled demo text, a `save_to_disk` directory, a
 local folder of data files or a Hub name), which column holds it (`tokens`/`input_ids` pretokenized,
-`text`/`problem` raw, conversations with chat formatting), and the glue between the model's tokenizer
-and the pure packing functions of `sae_cache.tokenization`.
+`text`/`problem` raw, conversations with chat formatting), and the glue between the model's tokenization
+(sae_cache.model) and the pure packing functions of `sae_cache.tokenization`. Every function takes the fields
+it needs, not the whole config.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
-from transformer_lens.utilities import get_tokens_with_bos_removed
 
-from sae_cache.config import UNSET, CacheActivationsRunnerConfig
+from sae_cache.config import UNSET
 from sae_cache.tokenization import pack_sequences, resolve_special_token, truncate_pretokenized
 
 TOKEN_COLUMNS = ("tokens", "input_ids")
 TEXT_COLUMNS = ("text", "problem")
 CHAT_COLUMNS = ("conversation", "conversations", "messages", "text")
+Tokenize = Callable[[Any], torch.Tensor]  # one raw row value (text or conversation) -> 1-D token ids
 
 
 @dataclass(frozen=True)
@@ -34,26 +35,27 @@ class InputColumn:
     pretokenized: bool
 
 
-def open_dataset(cfg: CacheActivationsRunnerConfig, override: Any = None) -> Dataset | IterableDataset:
+def open_dataset(
+    dataset_path: str,
+    *,
+    streaming: bool = True,
+    trust_remote_code: bool | None = None,
+    override: Any = None,
+) -> Dataset | IterableDataset:
     """The dataset to read: the override object, the demo text, a local directory or a Hub dataset."""
     from sae_cache.demo import DEMO_DATASET_NAME, load_demo_dataset
 
     if override is not None:
         dataset = override
-    elif cfg.dataset_path == DEMO_DATASET_NAME:
+    elif dataset_path == DEMO_DATASET_NAME:
         dataset = load_demo_dataset()
-    elif (Path(cfg.dataset_path) / "state.json").exists() or (Path(cfg.dataset_path) / "dataset_dict.json").exists():
-        dataset = load_from_disk(cfg.dataset_path)
+    elif (Path(dataset_path) / "state.json").exists() or (Path(dataset_path) / "dataset_dict.json").exists():
+        dataset = load_from_disk(dataset_path)
     else:
-        dataset = load_dataset(
-            cfg.dataset_path,
-            split="train",
-            streaming=cfg.streaming,
-            trust_remote_code=cfg.dataset_trust_remote_code,
-        )
+        dataset = load_dataset(dataset_path, split="train", streaming=streaming, trust_remote_code=trust_remote_code)
     if isinstance(dataset, DatasetDict | IterableDatasetDict):
         if "train" not in dataset:
-            raise ValueError(f"dataset {cfg.dataset_path!r} has splits {list(dataset)} but no 'train' split to read.")
+            raise ValueError(f"dataset {dataset_path!r} has splits {list(dataset)} but no 'train' split to read.")
         dataset = dataset["train"]
     if not isinstance(dataset, Dataset | IterableDataset):
         raise TypeError(
@@ -78,25 +80,27 @@ def find_column(row: dict, *, chat: bool) -> InputColumn:
     raise ValueError(f"the dataset has columns {sorted(row)}; it needs one of {list(names)}.")
 
 
-def resolve_context_size(cfg: CacheActivationsRunnerConfig, column: InputColumn, row: dict) -> int:
-    """context_size from the config, or from the first row of a pretokenized dataset."""
+def resolve_context_size(
+    column: InputColumn, row: dict, *, context_size: int, prepend_bos: bool, disable_concat: bool
+) -> int:
+    """context_size as set, or the length of the first row of a pretokenized dataset (context_size=-1)."""
     if column.pretokenized:
         length = len(row[column.name])
-        if cfg.context_size == UNSET:
+        if context_size == UNSET:
             return length
-        if length < cfg.context_size:
+        if length < context_size:
             raise ValueError(
-                f"the pretokenized dataset's first row has {length} tokens, fewer than context_size={cfg.context_size}: "
+                f"the pretokenized dataset's first row has {length} tokens, fewer than context_size={context_size}: "
                 f"set context_size to at most {length} (or -1 to use {length})."
             )
-        return cfg.context_size
-    if cfg.context_size == UNSET:
+        return context_size
+    if context_size == UNSET:
         raise ValueError(f"the dataset holds raw text (column {column.name!r}): set context_size (e.g. 128).")
-    if cfg.context_size == 1 and cfg.prepend_bos and not cfg.disable_concat_sequences:
+    if context_size == 1 and prepend_bos and not disable_concat:
         raise ValueError(
             "context_size=1 with prepend_bos=True leaves no room for text (every row would be BOS): raise context_size."
         )
-    return cfg.context_size
+    return context_size
 
 
 @dataclass(frozen=True)
@@ -108,45 +112,75 @@ class SpecialTokens:
     excluded: list[int] | None
 
 
-def resolve_special_tokens(cfg: CacheActivationsRunnerConfig, tokenizer) -> SpecialTokens:
+def resolve_special_tokens(
+    tokenizer,
+    *,
+    prepend_bos: bool,
+    sequence_separator_token: int | str | None,
+    exclude_special_tokens: bool | list[int],
+) -> SpecialTokens:
     """BOS (when prepend_bos), the sequence separator and the excluded ids, each a clear error when missing."""
+    separator = None
+    if tokenizer is not None:
+        separator = resolve_special_token(sequence_separator_token, tokenizer, field="sequence_separator_token")
     return SpecialTokens(
-        bos=tokenizer.bos_token_id if cfg.prepend_bos and tokenizer is not None else None,
-        separator=resolve_special_token(cfg.sequence_separator_token, tokenizer, field="sequence_separator_token")
-        if tokenizer is not None
-        else None,
-        excluded=special_token_ids(cfg, tokenizer),
+        bos=tokenizer.bos_token_id if prepend_bos and tokenizer is not None else None,
+        separator=separator,
+        excluded=special_token_ids(exclude_special_tokens, tokenizer),
     )
+
+
+def special_token_ids(exclude_special_tokens: bool | list[int], tokenizer) -> list[int] | None:
+    """Token ids whose positions are dropped (exclude_special_tokens), None when nothing is excluded."""
+    if exclude_special_tokens is False:
+        return None
+    if isinstance(exclude_special_tokens, list):
+        return sorted(set(exclude_special_tokens))
+    if tokenizer is None:
+        raise ValueError("exclude_special_tokens=True needs the model's tokenizer: give the token ids as a list.")
+    attrs = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
+    return sorted({int(t) for t in (getattr(tokenizer, a, None) for a in attrs) if t is not None})
+
+
+def row_tokenizer(model, *, chat: bool) -> Tokenize:
+    """How one raw row value becomes token ids: the model's text tokenization (no BOS, no truncation, as
+    SAELens does), or its chat template (a string row becomes a one-message user conversation)."""
+    if not chat:
+        return model.tokenize
+    return lambda value: model.tokenize_chat([{"role": "user", "content": value}] if isinstance(value, str) else value)
 
 
 def token_rows(
     dataset: Dataset | IterableDataset,
     column: InputColumn,
     *,
-    model,
-    cfg: CacheActivationsRunnerConfig,
+    tokenize: Tokenize,
     context_size: int,
     special: SpecialTokens,
-) -> Iterator[torch.Tensor]:
+    disable_concat: bool = False,
+    label_columns: list[str] | None = None,
+) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, dict]]:
     """Token rows of exactly context_size tokens, as SAELens's ActivationsStore builds them.
 
-    With cfg.label_columns every item is a (row, labels) pair: each row comes from one input row.
+    With label_columns every item is a (row, labels) pair: each row comes from one input row.
     """
-    if cfg.label_columns:
-        return _labeled_rows(dataset, column, model=model, cfg=cfg, context_size=context_size, special=special)
+    if label_columns:
+        return _labeled_rows(dataset, column, tokenize, context_size, special, label_columns)
     values = (row[column.name] for row in dataset)
     if column.pretokenized:
         return truncate_pretokenized(values, context_size=context_size)
     return pack_sequences(
-        _tokenize(values, model, chat=cfg.use_chat_formatting),
+        map(tokenize, values),
         context_size=context_size,
         bos_token_id=special.bos,
         separator_token_id=special.separator,
-        disable_concat=cfg.disable_concat_sequences,
+        disable_concat=disable_concat,
     )
 
 
-def check_dataset_size(dataset, column: InputColumn, *, rows_needed: int, context_size: int, model) -> str | None:
+def check_dataset_size(
+    dataset, column: InputColumn, *, rows_needed: int, context_size: int, tokenize: Tokenize
+) -> str | None:
     """Before any forward pass: an error when a sized pretokenized dataset has too few rows, a warning
     (returned) when raw text looks too short (estimated from its first rows); None when fine or unknowable."""
     if not hasattr(dataset, "__len__"):
@@ -160,7 +194,7 @@ def check_dataset_size(dataset, column: InputColumn, *, rows_needed: int, contex
             )
         return None
     sample = dataset.select(range(min(n, 64)))[column.name]
-    tokens_per_row = sum(len(t) for t in _tokenize(iter(sample), model, chat=False)) / max(len(sample), 1)
+    tokens_per_row = sum(len(tokenize(value)) for value in sample) / max(len(sample), 1)
     estimate = int(tokens_per_row * n)
     if estimate < rows_needed * context_size:
         return (
@@ -170,82 +204,44 @@ def check_dataset_size(dataset, column: InputColumn, *, rows_needed: int, contex
     return None
 
 
-def label_dtypes(dataset, column: InputColumn, cfg: CacheActivationsRunnerConfig, row: dict) -> dict[str, str]:
+def label_dtypes(column: InputColumn, row: dict, *, label_columns: list[str], disable_concat: bool) -> dict[str, str]:
     """The numpy dtype of every label column (checked before any work: present, numeric, one row per input)."""
-    if not cfg.label_columns:
+    if not label_columns:
         return {}
-    if not column.pretokenized and not cfg.disable_concat_sequences:
+    if not column.pretokenized and not disable_concat:
         raise ValueError(
             "label_columns needs each cache row to come from one input row: set disable_concat_sequences=True "
             "(or use a pretokenized dataset)."
         )
-    missing = [c for c in cfg.label_columns if c not in row]
+    missing = [c for c in label_columns if c not in row]
     if missing:
         raise ValueError(f"label_columns {missing} are not columns of the dataset (it has {sorted(row)}).")
     dtypes = {}
-    for name in cfg.label_columns:
-        dtype = np.asarray(row[name]).dtype
-        if dtype.kind not in "biuf" or np.asarray(row[name]).ndim:
+    for name in label_columns:
+        value = np.asarray(row[name])
+        if value.dtype.kind not in "biuf" or value.ndim:
             raise ValueError(
-                f"label column {name!r} holds {row[name]!r}: only numeric scalars (ints, floats, bools) can be carried; map it to ids first."
+                f"label column {name!r} holds {row[name]!r}: only numeric scalars (ints, floats, bools) can be "
+                "carried; map it to ids first."
             )
-        dtypes[name] = "bool" if dtype.kind == "b" else ("float64" if dtype.kind == "f" else "int64")
+        dtypes[name] = "bool" if value.dtype.kind == "b" else ("float64" if value.dtype.kind == "f" else "int64")
     return dtypes
 
 
 def _labeled_rows(
-    dataset, column: InputColumn, *, model, cfg, context_size: int, special: SpecialTokens
+    dataset, column: InputColumn, tokenize: Tokenize, context_size: int, special: SpecialTokens, label_columns
 ) -> Iterator[tuple[torch.Tensor, dict]]:
     for row in dataset:
         value = row[column.name]
         if column.pretokenized:
             rows = truncate_pretokenized([value], context_size=context_size)
         else:
-            sequence = next(_tokenize(iter([value]), model, chat=cfg.use_chat_formatting))
             rows = pack_sequences(
-                [sequence],
+                [tokenize(value)],
                 context_size=context_size,
                 bos_token_id=special.bos,
                 separator_token_id=None,
                 disable_concat=True,
             )
         for tokens in rows:
-            yield tokens, {name: row[name] for name in cfg.label_columns}
-
-
-def special_token_ids(cfg: CacheActivationsRunnerConfig, tokenizer) -> list[int] | None:
-    """Token ids whose positions are dropped (exclude_special_tokens), None when nothing is excluded."""
-    if cfg.exclude_special_tokens is False:
-        return None
-    if isinstance(cfg.exclude_special_tokens, list):
-        return sorted(set(cfg.exclude_special_tokens))
-    if tokenizer is None:
-        raise ValueError("exclude_special_tokens=True needs the model's tokenizer: give the token ids as a list.")
-    attrs = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
-    return sorted({int(t) for t in (getattr(tokenizer, a, None) for a in attrs) if t is not None})
-
-
-def _tokenize(values: Iterator[Any], model, *, chat: bool) -> Iterator[torch.Tensor]:
-    """Tokenize raw rows one by one with the model's tokenizer (no BOS, no truncation), as SAELens does."""
-    for value in values:
-        if chat:
-            conversation = [{"role": "user", "content": value}] if isinstance(value, str) else value
-            ids = model.tokenizer.apply_chat_template(
-                conversation, tokenize=True, return_tensors="pt", return_dict=False
-            )
-            yield ids[0]
-        else:
-            yield _text_tokens(model, value)
-
-
-def _text_tokens(model, text: str) -> torch.Tensor:
-    """`model.to_tokens(text, prepend_bos=False, truncate=False)` without touching the model's state.
-
-    to_tokens sets model.cfg.default_prepend_bos for the duration of the call, and every forward pass
-    saves and restores it: with forward passes on other threads (forward_threads) the two interleave
-    and can leave the user's model with prepend_bos switched off. So the tokenizer is called directly.
-    """
-    ids = model.tokenizer(text, return_tensors="pt", padding=True, truncation=False)["input_ids"]
-    if model.cfg.tokenizer_prepends_bos:
-        ids = get_tokens_with_bos_removed(model.tokenizer, ids)
-    return ids.squeeze(0)
+            yield tokens, {name: row[name] for name in label_columns}

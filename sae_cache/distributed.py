@@ -51,11 +51,6 @@ def init_from_env(device: str) -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if on_cuda else device
 
 
-def barrier(ranks: Ranks) -> None:
-    if ranks.active:
-        dist.barrier()
-
-
 def all_ok(ranks: Ranks, ok: bool) -> bool:
     """True when every rank reports ok (every rank must call this at the same point)."""
     if not ranks.active:

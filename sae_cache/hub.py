@@ -1,8 +1,8 @@
 """Pushing a finished cache to the Hugging Face Hub (the only module that talks to the network).
 
 Owns `push_cache`: the cache is exported as Parquet shards under `data/` (the layout the Hub's
-dataset viewer and `load_dataset(repo_id)` read; `hf_num_shards` of them, or about 500 MB each) in the
-run's temporary directory, uploaded with one commit to `hf_revision`, followed by the run's
+dataset viewer and `load_dataset(repo_id)` read; `hf_num_shards` of them, or about 500 MB each) into the
+run's work directory, uploaded with one commit to `hf_revision`, followed by the run's
 configuration as `cache_activations_runner_cfg.json`, as SAELens does. `api` can be injected (tests
 pass a fake object; the Hub cannot be reached there).
 """
@@ -18,43 +18,52 @@ from pathlib import Path
 import datasets
 from huggingface_hub import HfApi
 
-from sae_cache.config import CacheActivationsRunnerConfig
-from sae_cache.consolidate import RunPaths, reset_dir
+from sae_cache.publish import reset_dir
 
 CONFIG_FILE_IN_REPO = "cache_activations_runner_cfg.json"
 DEFAULT_SHARD_BYTES = 500_000_000
 
 
-def push_cache(cache_dir: Path, cfg: CacheActivationsRunnerConfig, api: HfApi | None = None) -> list[str]:
-    """Push the cache at `cache_dir` and its config JSON to cfg.hf_repo_id; returns the uploaded data files."""
-    if not cfg.hf_repo_id:
+def push_cache(
+    cache_dir: Path,
+    *,
+    repo_id: str,
+    export_dir: Path,
+    config: dict,
+    num_shards: int | None = None,
+    revision: str = "main",
+    private: bool = False,
+    api: HfApi | None = None,
+) -> list[str]:
+    """Push the cache at `cache_dir` and its `config` (as JSON) to the Hub dataset `repo_id`, exporting the
+    Parquet files into `export_dir` (removed afterwards); returns the uploaded data files."""
+    if not repo_id:
         raise ValueError("hf_repo_id is not set: name the Hub dataset repository to push to.")
     api = api if api is not None else HfApi()
     dataset = datasets.load_from_disk(str(cache_dir))
-    export = RunPaths(Path(cache_dir)).work / "hub"
-    reset_dir(export / "data")
+    reset_dir(export_dir / "data")
     try:
-        files = _export_parquet(dataset, export / "data", cfg.hf_num_shards)
-        api.create_repo(cfg.hf_repo_id, repo_type="dataset", private=cfg.hf_is_private_repo, exist_ok=True)
-        if cfg.hf_revision != "main":
-            api.create_branch(cfg.hf_repo_id, branch=cfg.hf_revision, repo_type="dataset", exist_ok=True)
+        files = _export_parquet(dataset, export_dir / "data", num_shards)
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        if revision != "main":
+            api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
         api.upload_folder(
-            folder_path=str(export),
-            repo_id=cfg.hf_repo_id,
+            folder_path=str(export_dir),
+            repo_id=repo_id,
             repo_type="dataset",
-            revision=cfg.hf_revision,
+            revision=revision,
             commit_message="Add cached activations (sae_cache)",
         )
         api.upload_file(
-            path_or_fileobj=io.BytesIO(json.dumps(cfg.to_dict(), indent=2, default=str).encode()),
+            path_or_fileobj=io.BytesIO(json.dumps(config, indent=2, default=str).encode()),
             path_in_repo=CONFIG_FILE_IN_REPO,
-            repo_id=cfg.hf_repo_id,
+            repo_id=repo_id,
             repo_type="dataset",
-            revision=cfg.hf_revision,
+            revision=revision,
             commit_message="Add cache_activations_runner config",
         )
     finally:
-        shutil.rmtree(export.parent)
+        shutil.rmtree(export_dir)
     return files
 
 

@@ -1,19 +1,22 @@
 """The metadata file of a cache (`sae_cache.json`), which `datasets.load_from_disk` ignores.
 
-Owns what it records (config, resolved plan, per-hook statistics, versions, tokenizer, row count)
-and which config fields change the output (used both for the fingerprint and to refuse a resume
-whose configuration differs).
+Owns what it records for every kind of cache (kind, rows, storage dtype, hooks with their widths and
+statistics, tokenizer, config, versions, plus the kind's own details), which config fields change the
+output, and the run's identity built from them: the fingerprint datasets keys on, and what a resume
+must reproduce.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from importlib import metadata as importlib_metadata
 
 from sae_cache.config import CacheActivationsRunnerConfig
 from sae_cache.plan import CachePlan
-from sae_cache.store import HookStats
+from sae_cache.stats import HookStats
 
+METADATA_FILE = "sae_cache.json"
 FORMAT_VERSION = 1
 # Fields that do not change a single byte of the cache.
 NON_OUTPUT_FIELDS = frozenset(
@@ -35,38 +38,70 @@ NON_OUTPUT_FIELDS = frozenset(
         "new_cached_activations_path",
     }
 )
-_PACKAGES = ("sae_cache", "torch", "transformer-lens", "datasets", "pyarrow")
+_PACKAGES = ("sae_cache", "torch", "transformer-lens", "transformers", "datasets", "pyarrow")
 
 
 def output_fields(cfg: CacheActivationsRunnerConfig) -> dict:
-    """The config fields that determine the cache's contents."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in NON_OUTPUT_FIELDS}
+    """The config fields that determine the cache's contents, as JSON values."""
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in NON_OUTPUT_FIELDS}
+    return json.loads(json.dumps(fields, default=str))
+
+
+def run_identity(cfg: CacheActivationsRunnerConfig, plan: CachePlan) -> dict:
+    """What a run produces: its output fields and resolved plan (a resume must match both)."""
+    return json.loads(json.dumps({"fields": output_fields(cfg), "plan": plan.to_dict()}, default=str))
 
 
 def build_metadata(
-    cfg: CacheActivationsRunnerConfig, plan: CachePlan, *, stats: dict[str, HookStats], tokenizer, world_size: int = 1
+    kind: str,
+    *,
+    n_rows: int,
+    dtype: str,
+    hook_dims: dict[str, int],
+    tokenizer,
+    config: dict,
+    stats: dict[str, HookStats] | None = None,
+    **details,
 ) -> dict:
-    """Everything a reader of the cache may want to know about how it was made."""
+    """Everything a reader of a cache may want to know about how it was made; `details` are the kind's own."""
+    stats = stats or {}
     return {
         "format_version": FORMAT_VERSION,
+        "kind": kind,
         "created_unix": int(time.time()),
-        "n_rows": plan.n_rows,
-        "n_tokens": plan.n_tokens,
-        "context_size": plan.context_size,
-        "sliced_context_size": plan.sliced_context_size,
-        "dtype": cfg.dtype,
-        "shuffled": cfg.shuffle,
-        "shuffled_across_sequences": cfg.shuffle_across_sequences,
-        "world_size": world_size,
+        "n_rows": n_rows,
+        "dtype": dtype,
         "hooks": {
             hook: {"d_in": d, "stats": stats[hook].to_dict(d) if hook in stats else None}
-            for hook, d in plan.hook_dims.items()
+            for hook, d in hook_dims.items()
         },
         "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
-        "config": cfg.to_dict(),
-        "plan": plan.to_dict(),
+        "config": config,
         "versions": {name: _version(name) for name in _PACKAGES},
+        **details,
     }
+
+
+def activations_metadata(
+    cfg: CacheActivationsRunnerConfig, plan: CachePlan, *, stats: dict[str, HookStats], tokenizer, world_size: int = 1
+) -> dict:
+    """The metadata of a cache of token rows (what CacheActivationsRunner writes)."""
+    return build_metadata(
+        "activations",
+        n_rows=plan.n_rows,
+        dtype=cfg.dtype,
+        hook_dims=plan.hook_dims,
+        tokenizer=tokenizer,
+        config=cfg.to_dict(),
+        stats=stats,
+        n_tokens=plan.n_tokens,
+        context_size=plan.context_size,
+        sliced_context_size=plan.sliced_context_size,
+        shuffled=cfg.shuffle,
+        shuffled_across_sequences=cfg.shuffle_across_sequences,
+        world_size=world_size,
+        plan=plan.to_dict(),
+    )
 
 
 def _version(package: str) -> str | None:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from sae_cache.config import CacheActivationsRunnerConfig
+from sae_cache.config import sliced_length
 
 TOKEN_ID_BYTES = 4  # token_ids are stored as int32
 PIECE_BYTES = 64 << 20  # host memory is filled and written in pieces of at most this (and at most a quarter buffer)
@@ -39,7 +39,7 @@ class CachePlan:
 
     @property
     def n_tokens(self) -> int:
-        """Tokens stored: rows times the sliced row length."""
+        """Tokens stored: rows times the sliced context size."""
         return self.n_rows * self.sliced_context_size
 
     @property
@@ -68,7 +68,7 @@ class CachePlan:
         return "\n".join(
             [
                 f"hooks:              {hooks}",
-                f"rows x length:      {self.n_rows:,} x {self.sliced_context_size} "
+                f"rows x positions:   {self.n_rows:,} x {self.sliced_context_size} "
                 f"(context {self.context_size}) = {self.n_tokens:,} tokens",
                 f"buffers:            {self.n_buffers} of {self.rows_per_buffer:,} rows "
                 f"({self.tokens_per_buffer:,} tokens, {_gb(self.rows_per_buffer * self.bytes_per_row)}), "
@@ -79,28 +79,40 @@ class CachePlan:
         )
 
 
-def make_plan(cfg: CacheActivationsRunnerConfig, *, context_size: int, hook_dims: dict[str, int]) -> CachePlan:
-    """Resolve the sizes of a run from the config and what the model and data told us."""
-    length = len(range(context_size)[slice(*cfg.seqpos_slice)])
-    if length == 0:
-        raise ValueError(f"seqpos_slice={cfg.seqpos_slice!r} selects no position of context_size={context_size}.")
-    n_rows = cfg.training_tokens // length
+def make_plan(
+    *,
+    hook_dims: dict[str, int],
+    context_size: int,
+    seqpos_slice: tuple[int | None, ...],
+    training_tokens: int,
+    dtype: str,
+    model_batch_size: int,
+    buffer_size_gb: float,
+    shuffle: bool,
+) -> CachePlan:
+    """Resolve the sizes of a run from the config's fields and what the model and data told us."""
+    sliced_context_size = sliced_length(context_size, seqpos_slice)
+    if sliced_context_size == 0:
+        raise ValueError(f"seqpos_slice={seqpos_slice!r} selects no position of context_size={context_size}.")
+    n_rows = training_tokens // sliced_context_size
     if n_rows < 1:
         raise ValueError(
-            f"training_tokens={cfg.training_tokens} is less than one row of {length} tokens: increase training_tokens."
+            f"training_tokens={training_tokens} is less than one row of {sliced_context_size} tokens: "
+            "increase training_tokens."
         )
-    itemsize = np.dtype(cfg.dtype).itemsize
-    act_bytes_per_row = sum(length * d * itemsize for d in hook_dims.values())
-    overhead_per_row = length * TOKEN_ID_BYTES + len(hook_dims) * (length + 1) * OFFSET_BYTES
+    itemsize = np.dtype(dtype).itemsize
+    act_bytes_per_row = sum(sliced_context_size * d * itemsize for d in hook_dims.values())
+    offsets_per_row = len(hook_dims) * (sliced_context_size + 1) * OFFSET_BYTES
+    overhead_per_row = sliced_context_size * TOKEN_ID_BYTES + offsets_per_row
     bytes_per_row = act_bytes_per_row + overhead_per_row
-    rows_per_buffer = min(_rows_per_buffer(cfg, bytes_per_row), n_rows)
+    rows_per_buffer = min(_rows_per_buffer(buffer_size_gb, model_batch_size, bytes_per_row), n_rows)
     disk_bytes = n_rows * bytes_per_row
     # A shuffle keeps the unshuffled shards and its scratch copy until the shuffled cache is complete.
-    peak_disk_bytes = disk_bytes * (3 if cfg.shuffle else 1)
+    peak_disk_bytes = disk_bytes * (3 if shuffle else 1)
     return CachePlan(
         hook_dims=dict(hook_dims),
         context_size=context_size,
-        sliced_context_size=length,
+        sliced_context_size=sliced_context_size,
         n_rows=n_rows,
         rows_per_buffer=rows_per_buffer,
         rows_per_piece=_rows_per_piece(rows_per_buffer, bytes_per_row),
@@ -113,11 +125,11 @@ def make_plan(cfg: CacheActivationsRunnerConfig, *, context_size: int, hook_dims
     )
 
 
-def _rows_per_buffer(cfg: CacheActivationsRunnerConfig, bytes_per_row: int) -> int:
+def _rows_per_buffer(buffer_size_gb: float, model_batch_size: int, bytes_per_row: int) -> int:
     """Rows that fit in buffer_size_gb, a multiple of model_batch_size so buffers never split a batch."""
-    rows = max(1, int(cfg.buffer_size_gb * 1e9) // bytes_per_row)
-    if rows >= cfg.model_batch_size:
-        rows -= rows % cfg.model_batch_size
+    rows = max(1, int(buffer_size_gb * 1e9) // bytes_per_row)
+    if rows >= model_batch_size:
+        rows -= rows % model_batch_size
     return rows
 
 

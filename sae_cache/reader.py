@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_cache.arrow_format import METADATA_FILE, STATE_FILE, TOKEN_IDS, read_arrow_columns, read_json
+from sae_cache.arrow_format import INFO_FILE, STATE_FILE, read_arrow_columns
+from sae_cache.columns import TOKEN_IDS
+from sae_cache.files import read_json
+from sae_cache.metadata import METADATA_FILE
 
 
 class CachedActivations:
@@ -28,17 +31,19 @@ class CachedActivations:
         self.files = [self.path / f["filename"] for f in read_json(self.path / STATE_FILE)["_data_files"]]
         meta_path = self.path / METADATA_FILE
         self.metadata = read_json(meta_path) if meta_path.is_file() else {}
-        if self.metadata.get("kind") == "targeted":
+        features = read_json(self.path / INFO_FILE).get("features", {}) if (self.path / INFO_FILE).is_file() else {}
+        if features.get(TOKEN_IDS, {}).get("length", -1) == -1:
             raise ValueError(
-                f"{self.path} is a position-targeted cache (rows of different lengths): open it with datasets.load_from_disk."
+                f"{self.path} holds rows of different lengths (a position-targeted cache, or no fixed-length "
+                f"{TOKEN_IDS!r} column): open it with datasets.load_from_disk."
             )
         self._batches = [batch for f in self.files for batch in read_arrow_columns(f)]
-        self.hook_names = [name for name in self._batches[0] if name != TOKEN_IDS] if self._batches else []
+        self.hook_names = [name for name, feature in features.items() if feature.get("_type") == "Array2D"]
         self.n_rows = sum(len(b[TOKEN_IDS]) for b in self._batches)
 
     @property
-    def context_size(self) -> int:
-        """Stored positions per row (the sliced context size)."""
+    def sliced_context_size(self) -> int:
+        """Stored positions per row."""
         return self._batches[0][TOKEN_IDS].shape[1]
 
     def d_in(self, hook: str | None = None) -> int:
@@ -46,7 +51,7 @@ class CachedActivations:
 
     @property
     def n_tokens(self) -> int:
-        return self.n_rows * self.context_size
+        return self.n_rows * self.sliced_context_size
 
     def __len__(self) -> int:
         return self.n_rows
@@ -86,7 +91,7 @@ class CachedActivations:
     def _shuffled_units(self, hook: str, batch_tokens: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         starts = np.cumsum([0] + [len(b[TOKEN_IDS]) for b in self._batches])
         order = np.random.default_rng(seed).permutation(self.n_rows)
-        rows_per_step = max(1, batch_tokens // self.context_size)
+        rows_per_step = max(1, batch_tokens // self.sliced_context_size)
         for i in range(0, len(order), rows_per_step):
             rows = order[i : i + rows_per_step]
             which = np.searchsorted(starts, rows, side="right") - 1

@@ -2,14 +2,13 @@
 
 `CacheActivationsRunner(cfg, override_dataset=None, model=None).run()` repairs what an interrupted
 swap left, resolves the plan (model, data, hook widths) and checks it before any forward pass, writes
-one shard per buffer into the run's temporary directory (resuming after the last complete shard
-when asked), consolidates or shuffles the shards into a staged cache, swaps it into place, pushes it
-to the Hub when asked, and returns the dataset as loaded from disk.
+one shard per buffer into the run's work directory (resuming after the last complete shard when
+asked), links or shuffles the shards into a staged cache, publishes it, pushes it to the Hub when
+asked, and returns the dataset as loaded from disk. It hands each stage the fields it needs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -24,20 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_cache import distributed, hub
-from sae_cache.arrow_format import METADATA_FILE, cache_features, fingerprint_of, read_json, write_json_atomic
+from sae_cache.arrow_format import cache_features, fingerprint_of
 from sae_cache.config import UNSET, CacheActivationsRunnerConfig
-from sae_cache.consolidate import (
-    RunPaths,
-    finish_staging,
-    is_complete_cache,
-    is_empty_dir,
-    remove_work,
-    repair_interrupted_swap,
-    reset_dir,
-    stage_shards,
-    swap_into_place,
-)
 from sae_cache.data import (
+    InputColumn,
     SpecialTokens,
     check_dataset_size,
     find_column,
@@ -46,13 +35,27 @@ from sae_cache.data import (
     open_dataset,
     resolve_context_size,
     resolve_special_tokens,
+    row_tokenizer,
     token_rows,
 )
-from sae_cache.metadata import build_metadata, output_fields
-from sae_cache.model import check_hook_names, load_model, model_device, probe_hook_dims
+from sae_cache.files import read_json
+from sae_cache.metadata import METADATA_FILE, activations_metadata, output_fields, run_identity
+from sae_cache.model import ModelAdapter, adapt, load_model
 from sae_cache.plan import CachePlan, make_plan
+from sae_cache.publish import (
+    RunPaths,
+    check_output,
+    finish_staging,
+    is_complete_cache,
+    link_shards,
+    publishing,
+    remove_work,
+    repair_interrupted_swap,
+    start_work,
+)
 from sae_cache.shuffle import shuffle_shards
-from sae_cache.store import ActivationsStore, HookStats, resolve_forward_threads
+from sae_cache.stats import HookStats
+from sae_cache.store import ActivationsStore, resolve_forward_threads
 from sae_cache.writer import ShardWriter
 
 logger = logging.getLogger("sae_cache")
@@ -63,9 +66,9 @@ DISK_MARGIN = 1.05
 class _Resolved:
     """What the model and the data told us, resolved once before any work."""
 
-    model: Any
+    model: ModelAdapter
     dataset: Any
-    column: Any
+    column: InputColumn
     special: SpecialTokens
     labels: dict[str, str]
     plan: CachePlan
@@ -104,10 +107,8 @@ class CacheActivationsRunner:
             self._shared(self._prepare)
             self._shared(self._write_shards)
             self._shared(self._publish)
+        self._shared(lambda: self._push() if self.cfg.hf_repo_id and self.ranks.is_main else None)
         self._shared(lambda: remove_work(self.paths) if self.ranks.is_main else None)
-        self._shared(
-            lambda: hub.push_cache(self.paths.out, self.cfg) if self.cfg.hf_repo_id and self.ranks.is_main else None
-        )
         self.elapsed_s = time.perf_counter() - started
         return datasets.load_from_disk(str(self.paths.out))
 
@@ -129,54 +130,79 @@ class CacheActivationsRunner:
 
     def _prepare(self) -> None:
         """Every check that can fail before a forward pass; rank 0 then creates (or reopens) the work directory."""
-        self._check_output_dir()
-        resolved = self._resolve()
+        cfg = self.cfg
+        check_output(self.paths, field="new_cached_activations_path", overwrite=cfg.overwrite, resume=cfg.resume)
+        plan = self._resolve().plan
         if self.ranks.is_main:
-            self._check_disk_space(resolved.plan)
+            self._check_disk_space(plan)
             logger.info("%s", self)
-            self._start_work(resolved.plan)
+            start_work(self.paths, run_identity(cfg, plan), overwrite=cfg.overwrite, resume=cfg.resume)
 
     # -- resolution and checks (before any forward pass) -------------------------------------------
 
     def _resolve(self) -> _Resolved:
-        if self._resolved is not None:
-            return self._resolved
-        cfg = self.cfg
-        dataset = open_dataset(cfg, self.override_dataset)
-        column = find_column(first_row(dataset), chat=cfg.use_chat_formatting)
-        context_size = resolve_context_size(cfg, column, first_row(dataset))
-        model = self._model if self._model is not None else load_model(cfg)
-        check_hook_names(model, cfg.hook_names)
-        self._check_model_context(model, context_size)
-        hook_dims = probe_hook_dims(model, cfg.hook_names)
-        self._check_d_in(hook_dims)
-        special = resolve_special_tokens(cfg, getattr(model, "tokenizer", None))
-        labels = label_dtypes(dataset, column, cfg, first_row(dataset))
-        plan = make_plan(cfg, context_size=context_size, hook_dims=hook_dims)
-        if not cfg.use_chat_formatting:
-            warning = check_dataset_size(
-                dataset, column, rows_needed=plan.n_rows, context_size=context_size, model=model
-            )
-            if warning:
-                warnings.warn(warning, RuntimeWarning, stacklevel=2)
-        threads = resolve_forward_threads(cfg.forward_threads, model_device(model))
-        self._resolved = _Resolved(
-            model=model,
-            dataset=dataset,
-            column=column,
-            special=special,
-            labels=labels,
-            plan=plan,
-            forward_threads=threads,
-        )
+        if self._resolved is None:
+            self._resolved = self._resolve_once()
         return self._resolved
 
-    def _check_model_context(self, model: Any, context_size: int) -> None:
-        n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
-        if n_ctx is not None and context_size > n_ctx:
+    def _resolve_once(self) -> _Resolved:
+        cfg = self.cfg
+        dataset = open_dataset(
+            cfg.dataset_path,
+            streaming=cfg.streaming,
+            trust_remote_code=cfg.dataset_trust_remote_code,
+            override=self.override_dataset,
+        )
+        row = first_row(dataset)
+        column = find_column(row, chat=cfg.use_chat_formatting)
+        context_size = resolve_context_size(
+            column,
+            row,
+            context_size=cfg.context_size,
+            prepend_bos=cfg.prepend_bos,
+            disable_concat=cfg.disable_concat_sequences,
+        )
+        model = self._load_model()
+        model.check_hooks(cfg.hook_names)
+        if model.n_ctx is not None and context_size > model.n_ctx:
             raise ValueError(
-                f"context_size={context_size} exceeds the model's n_ctx={n_ctx}: set context_size <= {n_ctx}."
+                f"context_size={context_size} exceeds the model's n_ctx={model.n_ctx}: set context_size <= {model.n_ctx}."
             )
+        hook_dims = model.hook_dims(cfg.hook_names)
+        self._check_d_in(hook_dims)
+        special = resolve_special_tokens(
+            model.tokenizer,
+            prepend_bos=cfg.prepend_bos,
+            sequence_separator_token=cfg.sequence_separator_token,
+            exclude_special_tokens=cfg.exclude_special_tokens,
+        )
+        labels = label_dtypes(column, row, label_columns=cfg.label_columns, disable_concat=cfg.disable_concat_sequences)
+        plan = make_plan(
+            hook_dims=hook_dims,
+            context_size=context_size,
+            seqpos_slice=cfg.seqpos_slice,
+            training_tokens=cfg.training_tokens,
+            dtype=cfg.dtype,
+            model_batch_size=cfg.model_batch_size,
+            buffer_size_gb=cfg.buffer_size_gb,
+            shuffle=cfg.shuffle,
+        )
+        self._check_dataset_size(dataset, column, plan, model)
+        threads = resolve_forward_threads(cfg.forward_threads, model.device)
+        return _Resolved(model, dataset, column, special, labels, plan, threads)
+
+    def _load_model(self) -> ModelAdapter:
+        cfg = self.cfg
+        if self._model is not None:
+            return adapt(self._model)
+        return load_model(
+            cfg.model_name,
+            model_class_name=cfg.model_class_name,
+            device=cfg.device,
+            from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
+            compile_llm=cfg.compile_llm,
+            compilation_mode=cfg.llm_compilation_mode,
+        )
 
     def _check_d_in(self, hook_dims: dict[str, int]) -> None:
         if self.cfg.d_in == UNSET:
@@ -187,34 +213,25 @@ class CacheActivationsRunner:
                 f"d_in={self.cfg.d_in} but the model's hooks have widths {wrong}: set d_in to match, or -1."
             )
 
+    def _check_dataset_size(self, dataset, column: InputColumn, plan: CachePlan, model: ModelAdapter) -> None:
+        if self.cfg.use_chat_formatting:
+            return
+        warning = check_dataset_size(
+            dataset, column, rows_needed=plan.n_rows, context_size=plan.context_size, tokenize=model.tokenize
+        )
+        if warning:
+            warnings.warn(warning, RuntimeWarning, stacklevel=3)
+
     def _already_finished(self) -> bool:
         """With resume=True: the run was killed after publishing its cache (only clean-up and upload remain)."""
         out = self.paths.out
         if not self.cfg.resume or not is_complete_cache(out):
             return False
         previous = read_json(out / METADATA_FILE).get("config", {})
-        ours = json.loads(json.dumps(output_fields(self.cfg), default=str))
-        if any(previous.get(k) != v for k, v in ours.items()):
+        if any(previous.get(k) != v for k, v in output_fields(self.cfg).items()):
             return False
         logger.info("%s is already complete for this configuration", out)
         return True
-
-    def _check_output_dir(self) -> None:
-        out = self.paths.out
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"new_cached_activations_path={str(out)!r} is a file: choose a directory path.")
-        if out.exists() and not is_empty_dir(out) and not (self.cfg.overwrite or self._resuming_an_overwrite()):
-            what = "a finished cache" if is_complete_cache(out) else "other files"
-            raise ValueError(f"{out} already holds {what}: pass overwrite=True to replace it, or choose another path.")
-        if self.paths.work.exists() and not (self.cfg.resume or self.cfg.overwrite):
-            raise ValueError(
-                f"{self.paths.work} holds an interrupted run: pass resume=True to continue it or overwrite=True to start over."
-            )
-
-    def _resuming_an_overwrite(self) -> bool:
-        """resume=True continuing a run that was started with overwrite=True."""
-        run_file = self.paths.run_file
-        return self.cfg.resume and run_file.exists() and bool(read_json(run_file).get("overwrite"))
 
     def _check_disk_space(self, plan: CachePlan) -> None:
         anchor = self.paths.out
@@ -235,29 +252,26 @@ class CacheActivationsRunner:
         plan = resolved.plan
         return cache_features(plan.hook_dims, plan.sliced_context_size, self.cfg.dtype, labels=resolved.labels)
 
-    def _shard_dir(self, rank: int) -> Path:
-        return self.paths.shards / f"rank_{rank:05d}" if self.ranks.active else self.paths.shards
-
     def _rank_plan(self, rank: int) -> CachePlan:
         plan = self._resolve().plan
         share = distributed.Ranks(rank, self.ranks.world)
         return plan.with_rows(distributed.rows_of_rank(plan.n_rows, self.cfg.model_batch_size, share))
 
+    def _shard_files(self, rank: int):
+        return self.paths.shard_files(rank if self.ranks.active else None)
+
     def _write_shards(self) -> None:
         """Compute this rank's buffers not yet on disk and write them as shards (the writer overlaps the compute)."""
-        resolved = self._resolve()
         plan = self._rank_plan(self.ranks.rank)
-        features = self._features()
-        self._shard_dir(self.ranks.rank).mkdir(parents=True, exist_ok=True)
+        files = self._shard_files(self.ranks.rank)
+        files.directory.mkdir(parents=True, exist_ok=True)
         # shards to be shuffled are read back at once: only final ones go around the page cache
-        writer = ShardWriter(
-            self._shard_dir(self.ranks.rank), features, direct_io=self.cfg.direct_io and not self.cfg.shuffle
-        )
-        done = writer.complete_shards(plan.n_buffers)
+        writer = ShardWriter(files, self._features(), direct_io=self.cfg.direct_io and not self.cfg.shuffle)
+        done = files.n_complete(plan.n_buffers)
         if done:
             logger.info("resuming after %d complete shard(s) of %d", done, plan.n_buffers)
-        resume = writer.read_manifest(done - 1) if done else {"next_batch": 0, "next_skip": 0, "stats": {}}
-        store = self._make_store(resolved, plan)
+        resume = files.read_manifest(done - 1) if done else {"next_batch": 0, "next_skip": 0, "stats": {}}
+        store = self._make_store(plan)
         store.restore_stats(resume["stats"])
         progress = tqdm(
             total=plan.n_tokens,
@@ -269,36 +283,19 @@ class CacheActivationsRunner:
         )
         store.on_tokens = progress.update
         with writer, progress:
-            for buffer in store.buffers(resume["next_batch"], resume["next_skip"], done, acquire=writer.acquire):
-                writer.submit(buffer, {"stats": {h: asdict(st) for h, st in store.stats.items()}})
+            for piece in store.pieces(resume["next_batch"], resume["next_skip"], done, acquire=writer.acquire):
+                writer.submit(piece, {"stats": {h: asdict(st) for h, st in store.stats.items()}})
 
-    def _start_work(self, plan: CachePlan) -> None:
-        """Create the run's work directory, or check that the one there may be resumed."""
-        identity = json.loads(json.dumps({"fields": output_fields(self.cfg), "plan": plan.to_dict()}, default=str))
-        if self.paths.work.exists() and self.cfg.resume:
-            previous = read_json(self.paths.run_file) if self.paths.run_file.exists() else {}
-            changed = sorted(
-                k for k in identity["fields"] if previous.get("fields", {}).get(k) != identity["fields"][k]
-            )
-            if changed or previous.get("plan") != identity["plan"]:
-                raise ValueError(
-                    f"cannot resume {self.paths.work}: the configuration changed in {changed or 'the resolved plan'}. "
-                    "Rerun with the original values, or pass overwrite=True to start over."
-                )
-            return
-        reset_dir(self.paths.work)
-        self.paths.shards.mkdir()
-        write_json_atomic(self.paths.run_file, {**identity, "overwrite": self.cfg.overwrite})
-
-    def _make_store(self, resolved: _Resolved, plan: CachePlan) -> ActivationsStore:
-        cfg = self.cfg
+    def _make_store(self, plan: CachePlan) -> ActivationsStore:
+        cfg, resolved = self.cfg, self._resolve()
         rows = token_rows(
             resolved.dataset,
             resolved.column,
-            model=resolved.model,
-            cfg=cfg,
+            tokenize=row_tokenizer(resolved.model, chat=cfg.use_chat_formatting),
             context_size=plan.context_size,
             special=resolved.special,
+            disable_concat=cfg.disable_concat_sequences,
+            label_columns=cfg.label_columns,
         )
         return ActivationsStore(
             resolved.model,
@@ -319,43 +316,51 @@ class CacheActivationsRunner:
 
     def _rank_shards(self) -> tuple[list[Path], dict[str, HookStats]]:
         """Every rank's shard files in rank order, and the statistics of all of them."""
-        files, raws = [], []
+        paths, raws = [], []
         for rank in range(self.ranks.world):
-            writer = ShardWriter(self._shard_dir(rank), features=None, background=False)  # type: ignore[arg-type]
-            n = self._rank_plan(rank).n_buffers
-            files += [writer.shard_path(i) for i in range(n)]
+            files, n = self._shard_files(rank), self._rank_plan(rank).n_buffers
+            paths += [files.shard(i) for i in range(n)]
             if n:
-                raws.append(writer.read_manifest(n - 1)["stats"])
+                raws.append(files.read_manifest(n - 1)["stats"])
         hooks = self._resolve().plan.hook_dims
-        return files, {h: HookStats.combined([raw[h] for raw in raws]) for h in hooks}
+        return paths, {h: HookStats.combined([raw[h] for raw in raws]) for h in hooks}
 
     def _publish(self) -> None:
-        """Rank 0: consolidate (or shuffle) every rank's shards into a staged cache and swap it into place."""
+        """Rank 0: link (or shuffle) every rank's shards into a staged cache and publish it."""
         if not self.ranks.is_main:
             return
-        cfg, plan = self.cfg, self._resolve().plan
-        shard_files, stats = self._rank_shards()
-        features = self._features()
-        staging = self.paths.staging
-        if cfg.shuffle:
-            reset_dir(staging)
-            names = shuffle_shards(
-                shard_files,
-                features=features,
-                seed=cfg.seed,
-                across_sequences=cfg.shuffle_across_sequences,
-                rows_per_file=plan.rows_per_buffer,
-                n_rows=plan.n_rows,
-                scratch=self.paths.scratch,
-                out_dir=staging,
-                bucket_bytes=plan.rows_per_buffer * plan.bytes_per_row // 4,
-                direct_io=cfg.direct_io,
-            )
-        else:
-            names = stage_shards(shard_files, staging)
-        tokenizer = getattr(self._resolve().model, "tokenizer", None)
-        metadata = build_metadata(cfg, plan, stats=stats, tokenizer=tokenizer, world_size=self.ranks.world)
-        finish_staging(
-            staging, features, names, fingerprint_of({"fields": output_fields(cfg), "plan": plan.to_dict()}), metadata
+        cfg, resolved = self.cfg, self._resolve()
+        plan, features = resolved.plan, self._features()
+        shard_paths, stats = self._rank_shards()
+        metadata = activations_metadata(
+            cfg, plan, stats=stats, tokenizer=resolved.model.tokenizer, world_size=self.ranks.world
         )
-        swap_into_place(staging, self.paths.out)
+        with publishing(self.paths) as staging:
+            if cfg.shuffle:
+                names = shuffle_shards(
+                    shard_paths,
+                    features=features,
+                    seed=cfg.seed,
+                    across_sequences=cfg.shuffle_across_sequences,
+                    rows_per_file=plan.rows_per_buffer,
+                    n_rows=plan.n_rows,
+                    bucket_dir=self.paths.buckets,
+                    out_dir=staging,
+                    bucket_bytes=plan.rows_per_buffer * plan.bytes_per_row // 4,
+                    direct_io=cfg.direct_io,
+                )
+            else:
+                names = link_shards(shard_paths, staging)
+            finish_staging(staging, features, names, fingerprint_of(run_identity(cfg, plan)), metadata)
+
+    def _push(self) -> None:
+        cfg = self.cfg
+        hub.push_cache(
+            self.paths.out,
+            repo_id=cfg.hf_repo_id,  # type: ignore[arg-type]
+            export_dir=self.paths.hub,
+            config=cfg.to_dict(),
+            num_shards=cfg.hf_num_shards,
+            revision=cfg.hf_revision,
+            private=cfg.hf_is_private_repo,
+        )

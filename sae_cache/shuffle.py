@@ -15,7 +15,7 @@ Concatenating the sorted buckets is the global sort, so the result is a uniform 
 Rows of at least ONE_PASS_MIN_ROW_BYTES (the usual case: a row is context x d_model values) are shuffled
 in one pass instead (`_gather_one_pass`): the whole order is computed from the keys (8 bytes a row) and
 each output chunk's rows are read with `os.preadv` straight from the shards into a reused buffer, in
-file order, so every byte is read and written once (no scratch); the rows and their order are the
+file order, so every byte is read and written once (no bucket files); the rows and their order are the
 two passes' (only the record-batch boundaries inside the files differ).
 
 Speed: each pass copies every item once in memory (`np.take` from the shard's memory map, or from
@@ -40,14 +40,14 @@ import pyarrow as pa
 from datasets import Features
 
 from sae_cache.arrow_format import (
-    TOKEN_IDS,
     ArrowFileWriter,
     data_file_name,
     feature_row_layout,
     read_arrow_columns,
     stream_columns,
 )
-from sae_cache.consolidate import reset_dir
+from sae_cache.columns import TOKEN_IDS
+from sae_cache.publish import bucket_file, reset_dir
 
 KEY_BLOCK = 1 << 16  # keys are generated in blocks of this many items, each block from (seed, block index)
 KEY_LIMIT = 1 << 63
@@ -76,13 +76,13 @@ def shuffle_shards(
     across_sequences: bool,
     rows_per_file: int,
     n_rows: int,
-    scratch: Path,
+    bucket_dir: Path,
     out_dir: Path,
     bucket_bytes: int,
     direct_io: bool = False,
 ) -> list[str]:
     """Write the shuffled cache's data files into out_dir (around the page cache with direct_io); returns their names in order."""
-    length = features[TOKEN_IDS].length
+    sliced_context_size = features[TOKEN_IDS].length
     bytes_per_row = _bytes_per_row(features)
     layouts = _item_layouts(features, across_sequences)
     if not across_sequences and _one_pass(layouts, bytes_per_row, n_rows):
@@ -99,15 +99,15 @@ def shuffle_shards(
             )
             background.submit(sink.close)
         return _check_files(sink)
-    n_items = n_rows * length if across_sequences else n_rows
-    item_bytes = bytes_per_row // length if across_sequences else bytes_per_row
+    n_items = n_rows * sliced_context_size if across_sequences else n_rows
+    item_bytes = bytes_per_row // sliced_context_size if across_sequences else bytes_per_row
     n_buckets = max(1, math.ceil(n_items * item_bytes / max(bucket_bytes, 1)))
     width = min(-(-KEY_LIMIT // n_buckets), KEY_LIMIT - 1)  # keys are < KEY_LIMIT - 1
-    reset_dir(scratch)
+    reset_dir(bucket_dir)
     with _Background() as background:
         counts = _scatter(
             shard_files,
-            scratch,
+            bucket_dir,
             layouts,
             background,
             seed=seed,
@@ -117,7 +117,9 @@ def shuffle_shards(
         )
     sink = _RowSink(out_dir, features, n_rows=n_rows, rows_per_file=rows_per_file, direct_io=direct_io)
     with _Background() as background:
-        _gather(scratch, sink, layouts, background, counts=counts, length=length if across_sequences else 1)
+        _gather(
+            bucket_dir, sink, layouts, background, counts=counts, per_row=sliced_context_size if across_sequences else 1
+        )
         background.submit(sink.close)
     return _check_files(sink)
 
@@ -242,7 +244,15 @@ def _drop_cached(path: Path, ranges: list[tuple[int, int]]) -> None:
 
 
 def _scatter(
-    shard_files, scratch: Path, layouts, background: _Background, *, seed: int, across: bool, width: int, n_buckets: int
+    shard_files,
+    bucket_dir: Path,
+    layouts,
+    background: _Background,
+    *,
+    seed: int,
+    across: bool,
+    width: int,
+    n_buckets: int,
 ) -> np.ndarray:
     """Append every item to its bucket's files (keys, then one file per column); returns the item count of each bucket."""
     item_bytes = sum(per_item * dtype.itemsize for _, per_item, dtype in layouts.values())
@@ -263,15 +273,15 @@ def _scatter(
         del items  # unmapped, so that the kernel can drop those pages
         _drop_cached(path, ranges)
         files = {"keys": keys[order]} | {str(i): out[name][: len(keys)] for i, name in enumerate(layouts)}
-        background.submit(_append_buckets, scratch, files, present, first, first + sizes)
+        background.submit(_append_buckets, bucket_dir, files, present, first, first + sizes)
     return counts
 
 
-def _append_buckets(scratch: Path, files: dict[str, np.ndarray], buckets, starts, stops) -> None:
+def _append_buckets(directory: Path, files: dict[str, np.ndarray], buckets, starts, stops) -> None:
     """Append rows starts[j]..stops[j]-1 of each array to bucket buckets[j]'s file of that array."""
     for bucket, start, stop in zip(buckets, starts, stops):
         for suffix, values in files.items():
-            _append(scratch / f"{bucket:06d}.{suffix}", values[start:stop])
+            _append(bucket_file(directory, bucket, suffix), values[start:stop])
 
 
 def _append(path: Path, values: np.ndarray) -> None:
@@ -333,27 +343,27 @@ def _replace_bucket(bucket_files: list[Path], sink: _RowSink, rows: dict[str, np
 
 
 def _gather(
-    scratch: Path, sink: _RowSink, layouts, background: _Background, *, counts: np.ndarray, length: int
+    bucket_dir: Path, sink: _RowSink, layouts, background: _Background, *, counts: np.ndarray, per_row: int
 ) -> None:
     """Sort each bucket by key into one of two alternating buffers and hand its whole rows to the sink.
 
-    Items are packed `length` to a row (1 in rows mode); the positions left over after a bucket's
+    Items are packed `per_row` to a row (1 in rows mode); the positions left over after a bucket's
     whole rows are carried to the front of the next buffer.
     """
-    buffers = [_item_buffers(layouts, int(counts.max()) + length - 1) for _ in range(2)]
+    buffers = [_item_buffers(layouts, int(counts.max()) + per_row - 1) for _ in range(2)]
     carry = 0
     for k, bucket in enumerate(np.flatnonzero(counts)):
         n, out = int(counts[bucket]), buffers[k % 2]
-        keys = np.array(_map_bucket_file(scratch / f"{bucket:06d}.keys", n, 1, np.int64)).reshape(-1)
+        keys = np.array(_map_bucket_file(bucket_file(bucket_dir, bucket, "keys"), n, 1, np.int64)).reshape(-1)
         source = {
-            name: _map_bucket_file(scratch / f"{bucket:06d}.{i}", n, per_item, dtype)
+            name: _map_bucket_file(bucket_file(bucket_dir, bucket, str(i)), n, per_item, dtype)
             for i, (name, (_, per_item, dtype)) in enumerate(layouts.items())
         }
         _take(source, np.argsort(keys, kind="stable"), out, start=carry)
         del source  # unmapped: the bucket's pages leave this process's memory
-        whole = (carry + n) // length * length
+        whole = (carry + n) // per_row * per_row
         rows = {name: out[name][:whole].reshape(-1, *shape) for name, (shape, _, _) in layouts.items()}
-        background.submit(_replace_bucket, list(scratch.glob(f"{bucket:06d}.*")), sink, rows)
+        background.submit(_replace_bucket, list(bucket_dir.glob(bucket_file(bucket_dir, bucket, "*").name)), sink, rows)
         carry = carry + n - whole
         for name in layouts:  # the other buffer is free now: its write has finished
             buffers[(k + 1) % 2][name][:carry] = out[name][whole : whole + carry]

@@ -1,4 +1,4 @@
-"""The activations store: token rows in, buffers of activations out (compute only).
+"""The activations store: token rows in, pieces of buffers of activations out (compute only).
 
 Owns batching token rows, one forward pass per batch (on a CPU model, `forward_threads` passes at
 once on a thread pool, results taken in batch order, so the output does not depend on the thread
@@ -7,7 +7,11 @@ per-hook statistics, and cutting the stream into buffers of exactly `plan.rows_i
 each filled and handed on in pieces of at most `plan.rows_per_piece` rows (host memory holds a few
 pieces, not whole buffers). With `exclude_token_ids`, the excluded tokens' positions are dropped and
 the kept positions are packed into rows (only used when positions are later shuffled across
-sequences). It knows nothing of files.
+sequences). Host memory is its own (`Piece`, `allocate_piece`); it knows nothing of files.
+
+Words: a *buffer* is `plan.rows_per_buffer` rows (one shard on disk, the unit of resuming); a *piece* is
+the part of a buffer held in host memory at once; an *item* is what the stream is cut into, a row, or a
+kept position when positions are excluded.
 
 Every piece records where the stream goes on after it (`next_batch`, `next_skip`); a buffer's last
 piece is the resume point, so a resumed run recomputes exactly the same batches and produces
@@ -27,10 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sae_cache.arrow_format import TOKEN_IDS
-from sae_cache.model import HookCapture, model_device
+from sae_cache.columns import TOKEN_IDS
+from sae_cache.model import HookCapture, ModelAdapter
 from sae_cache.plan import CachePlan
-from sae_cache.writer import Buffer, allocate_host_buffer
+from sae_cache.stats import HookStats
 
 
 class Float16OverflowError(ValueError):
@@ -38,93 +42,56 @@ class Float16OverflowError(ValueError):
 
 
 @dataclass
-class HookStats:
-    """Running statistics of one hook's stored activations (computed in float32 before the cast)."""
+class Piece:
+    """Rows of buffer `index` (all of it, or a part): host tensors (trimmed by n_rows), where the stream goes on."""
 
-    n_tokens: int = 0
-    total: float = 0.0
-    total_sq: float = 0.0
-    total_norm: float = 0.0
-    max_abs: float = 0.0
-    n_inf_after_cast: int = 0
+    index: int
+    tensors: dict[str, torch.Tensor]
+    n_rows: int
+    first: bool = True  # the buffer's first piece: opens its shard
+    last: bool = True  # the buffer's last piece: completes its shard
+    next_batch: int = 0
+    next_skip: int = 0
 
-    @staticmethod
-    def per_unit(acts: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-        """Per stored unit (row or position): tokens, sum, sum of squares, sum of norms, max |x|, new infs."""
-        flat = acts.float().reshape(acts.shape[0], -1, acts.shape[-1])
-        norms = torch.linalg.vector_norm(flat, dim=-1)  # one pass over the values, no temporary of their size
-        low, high = torch.aminmax(flat.reshape(flat.shape[0], -1), dim=1)
-        if stored.dtype == torch.float16:
-            new_inf = (torch.isinf(stored) & torch.isfinite(acts)).reshape(flat.shape[0], -1).sum(1).float()
-        else:
-            new_inf = torch.zeros(flat.shape[0], device=flat.device)
-        return torch.stack(
-            [
-                torch.full((flat.shape[0],), flat.shape[1], dtype=torch.float32, device=flat.device),
-                flat.sum((1, 2)),
-                norms.square().sum(1),
-                norms.sum(1),
-                torch.maximum(low.abs(), high.abs()),
-                new_inf,
-            ],
-            dim=1,
-        ).double()
+    def columns(self):
+        """numpy views of the filled rows (no copy)."""
+        return {name: t[: self.n_rows].numpy() for name, t in self.tensors.items()}
 
-    def add(self, units: torch.Tensor) -> None:
-        """Add the per-unit summaries of the units that were stored."""
-        if not len(units):
-            return
-        tokens, total, total_sq, total_norm, _, infs = units.sum(0).tolist()
-        self.n_tokens += int(tokens)
-        self.total += total
-        self.total_sq += total_sq
-        self.total_norm += total_norm
-        self.max_abs = max(self.max_abs, units[:, 4].max().item())
-        self.n_inf_after_cast += int(infs)
 
-    @classmethod
-    def combined(cls, raws: list[dict]) -> HookStats:
-        """One HookStats from the raw fields of several (the ranks' parts of a cache)."""
-        parts = [cls(**raw) for raw in raws]
-        return cls(
-            n_tokens=sum(p.n_tokens for p in parts),
-            total=sum(p.total for p in parts),
-            total_sq=sum(p.total_sq for p in parts),
-            total_norm=sum(p.total_norm for p in parts),
-            max_abs=max((p.max_abs for p in parts), default=0.0),
-            n_inf_after_cast=sum(p.n_inf_after_cast for p in parts),
-        )
-
-    def to_dict(self, d: int) -> dict:
-        n = max(self.n_tokens * d, 1)
-        mean = self.total / n
-        return {
-            "tokens_seen": self.n_tokens,
-            "mean": mean,
-            "std": max(self.total_sq / n - mean * mean, 0.0) ** 0.5,
-            "mean_norm": self.total_norm / max(self.n_tokens, 1),
-            "max_abs": self.max_abs,
-            "inf_after_cast": self.n_inf_after_cast,
-        }
+def allocate_piece(
+    hook_dims: dict[str, int],
+    rows: int,
+    sliced_context_size: int,
+    dtype: torch.dtype,
+    *,
+    pin: bool,
+    labels: dict[str, str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Host tensors for one piece: (rows, positions, d) per hook, (rows, positions) int32 token ids, (rows,) per label."""
+    shape = (rows, sliced_context_size)
+    tensors = {hook: torch.empty((*shape, d), dtype=dtype, pin_memory=pin) for hook, d in hook_dims.items()}
+    tensors[TOKEN_IDS] = torch.empty(shape, dtype=torch.int32, pin_memory=pin)
+    tensors.update({name: torch.empty(rows, dtype=getattr(torch, kind)) for name, kind in (labels or {}).items()})
+    return tensors
 
 
 @dataclass
-class _Chunk:
-    """Output units (rows, or kept positions) of one batch: acts still on the model's device."""
+class _BatchItems:
+    """The output items (rows, or kept positions) of one batch: activations still on the model's device."""
 
     batch: int
-    acts: dict[str, torch.Tensor]  # hook -> [units, unit width], storage dtype
-    tokens: torch.Tensor  # [units, tokens per unit], host
-    unit_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    acts: dict[str, torch.Tensor]  # hook -> [items, item width], storage dtype
+    tokens: torch.Tensor  # [items, tokens per item], host
+    item_stats: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [rows, 1], host
 
 
 class ActivationsStore:
-    """Turns token rows into host buffers of activations for the hooks of a plan."""
+    """Turns token rows into host pieces of buffers of activations for the hooks of a plan."""
 
     def __init__(
         self,
-        model,
+        model: ModelAdapter,
         token_rows: Iterator[torch.Tensor],
         plan: CachePlan,
         *,
@@ -152,18 +119,18 @@ class ActivationsStore:
         self.fp16_overflow = fp16_overflow
         self.hooks = list(plan.hook_dims)
         self.stats = {h: HookStats() for h in self.hooks}
-        self.device = model_device(model)
+        self.device = model.device
         self.on_tokens: Callable[[int], None] = lambda n: None  # progress: tokens stored so far, per batch
 
     def restore_stats(self, raw: dict[str, dict]) -> None:
         """Continue the statistics of an interrupted run (raw HookStats fields per hook)."""
         self.stats.update({hook: HookStats(**fields) for hook, fields in raw.items()})
 
-    def new_host_buffer(self) -> dict[str, torch.Tensor]:
+    def new_piece(self) -> dict[str, torch.Tensor]:
         """Host tensors for one piece of a buffer, pinned when the model is on CUDA."""
         plan = self.plan
         pin = self.device.type == "cuda"
-        return allocate_host_buffer(
+        return allocate_piece(
             plan.hook_dims,
             plan.rows_per_piece,
             plan.sliced_context_size,
@@ -172,91 +139,90 @@ class ActivationsStore:
             labels=self.label_dtypes,
         )
 
-    def buffers(
+    def pieces(
         self,
         start_batch: int = 0,
         start_skip: int = 0,
         start_index: int = 0,
         acquire: Callable[[Callable[[], dict[str, torch.Tensor]]], dict[str, torch.Tensor]] | None = None,
-    ) -> Iterator[Buffer]:
+    ) -> Iterator[Piece]:
         """Yield the pieces of buffers start_index.. of the plan, in order (`first`/`last` mark a buffer's ends).
 
-        The stream starts at batch start_batch, skipping start_skip units. `acquire(make)` supplies the
+        The stream starts at batch start_batch, skipping start_skip items. `acquire(make)` supplies the
         host tensors to fill (a pool); by default each piece gets new ones.
         """
         acquire = acquire or (lambda make: make())
-        chunks = self._chunks(start_batch)
-        pending: list[_Chunk] = []
+        outputs = self._batch_items(start_batch)
+        pending: list[_BatchItems] = []
         skip = start_skip
         try:
             for index in range(start_index, self.plan.n_buffers):
                 pieces = self.plan.pieces_of_buffer(index)
                 for k, n_rows in enumerate(pieces):
-                    piece = Buffer(
-                        index, acquire(self.new_host_buffer), n_rows, first=k == 0, last=k == len(pieces) - 1
-                    )
-                    pending, skip = self._fill(piece, chunks, pending, skip)
+                    piece = Piece(index, acquire(self.new_piece), n_rows, first=k == 0, last=k == len(pieces) - 1)
+                    pending, skip = self._fill(piece, outputs, pending, skip)
                     piece.next_batch, piece.next_skip = (pending[0].batch, skip) if pending else (self._batches_done, 0)
                     yield piece
         finally:
-            chunks.close()  # removes the hooks and restores torch's thread count now, not at garbage collection
+            outputs.close()  # removes the hooks and restores torch's thread count now, not at garbage collection
 
-    def _fill(self, buffer: Buffer, chunks: Iterator[_Chunk], pending: list[_Chunk], skip: int):
-        """Copy buffer.n_rows rows from pending chunks, then new ones, into the buffer; return leftovers and skip."""
-        dest = self._unit_views(buffer)
-        units_needed = len(dest[TOKEN_IDS])
+    def _fill(self, piece: Piece, outputs: Iterator[_BatchItems], pending: list[_BatchItems], skip: int):
+        """Copy piece.n_rows rows of items from pending batches, then new ones, into the piece; return the
+        batches left over and how many items of the first of them are used."""
+        dest = self._item_views(piece)
+        items_needed = len(dest[TOKEN_IDS])
         got = 0
-        while got < units_needed:
+        while got < items_needed:
             if not pending:
                 try:
-                    pending.append(next(chunks))
+                    pending.append(next(outputs))
                 except StopIteration:
                     raise ValueError(
-                        f"the dataset ran out while filling buffer {buffer.index} ({got} of {units_needed} units): "
+                        f"the dataset ran out while filling buffer {piece.index} ({got} of {items_needed} items): "
                         "lower training_tokens or use a larger dataset."
                     ) from None
-            chunk = pending[0]
-            take = min(len(chunk.tokens) - skip, units_needed - got)
-            self._copy(chunk, skip, skip + take, dest, got)
+            batch = pending[0]
+            take = min(len(batch.tokens) - skip, items_needed - got)
+            self._copy(batch, skip, skip + take, dest, got)
             got += take
             skip += take
-            if skip == len(chunk.tokens):
+            if skip == len(batch.tokens):
                 pending.pop(0)
                 skip = 0
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the non-blocking copies have landed
         return pending, skip
 
-    def _unit_views(self, buffer: Buffer) -> dict[str, torch.Tensor]:
-        """The buffer's first n_rows rows seen as [units, unit width] (a unit is a row, or a position)."""
+    def _item_views(self, piece: Piece) -> dict[str, torch.Tensor]:
+        """The piece's first n_rows rows seen as [items, item width] (an item is a row, or a position)."""
         per_row = self.plan.sliced_context_size if self.exclude is not None else 1
-        units = buffer.n_rows * per_row
-        return {name: t[: buffer.n_rows].view(units, -1) for name, t in buffer.tensors.items()}
+        items = piece.n_rows * per_row
+        return {name: t[: piece.n_rows].view(items, -1) for name, t in piece.tensors.items()}
 
-    def _copy(self, chunk: _Chunk, start: int, stop: int, dest: dict[str, torch.Tensor], at: int) -> None:
+    def _copy(self, batch: _BatchItems, start: int, stop: int, dest: dict[str, torch.Tensor], at: int) -> None:
         n = stop - start
         for hook in self.hooks:
-            self.stats[hook].add(chunk.unit_stats[hook][start:stop])
-            dest[hook][at : at + n].copy_(chunk.acts[hook][start:stop], non_blocking=True)
-        dest[TOKEN_IDS][at : at + n].copy_(chunk.tokens[start:stop])
+            self.stats[hook].add(batch.item_stats[hook][start:stop])
+            dest[hook][at : at + n].copy_(batch.acts[hook][start:stop], non_blocking=True)
+        dest[TOKEN_IDS][at : at + n].copy_(batch.tokens[start:stop])
         self.on_tokens(dest[TOKEN_IDS][at : at + n].numel())
-        for name, values in chunk.labels.items():
+        for name, values in batch.labels.items():
             dest[name][at : at + n].copy_(values[start:stop])
 
-    def _chunks(self, start_batch: int) -> Iterator[_Chunk]:
-        """Host chunks of every batch from start_batch on (rows, or kept positions when excluding), in batch order."""
+    def _batch_items(self, start_batch: int) -> Iterator[_BatchItems]:
+        """The output items of every batch from start_batch on (rows, or kept positions), in batch order."""
         self._batches_done = start_batch
-        capture = HookCapture(
-            self.model, self.hooks, positions=self.positions, autocast=self.autocast, model_kwargs=self.model_kwargs
+        capture = self.model.capture(
+            self.hooks, positions=self.positions, autocast=self.autocast, model_kwargs=self.model_kwargs
         )
         with capture, _torch_threads_split(self.forward_threads):
-            for chunk in _ordered_map(
+            for output in _ordered_map(
                 lambda batch: self._compute(capture, *batch), self._batches(start_batch), self.forward_threads
             ):
                 for hook in self.hooks:
-                    self._check_overflow(hook, chunk.unit_stats[hook])
-                self._batches_done = chunk.batch + 1
-                yield chunk
+                    self._check_overflow(hook, output.item_stats[hook])
+                self._batches_done = output.batch + 1
+                yield output
 
     def _batches(self, start_batch: int) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
         """(batch index, tokens_BL, labels) of every batch from start_batch on, read on the calling thread."""
@@ -283,26 +249,26 @@ class ActivationsStore:
     @torch.no_grad()
     def _compute(
         self, capture: HookCapture, batch_index: int, tokens_BL: torch.Tensor, labels: dict[str, torch.Tensor]
-    ) -> _Chunk:
-        """One batch's forward pass, storage cast and per-unit statistics (may run on a forward thread)."""
+    ) -> _BatchItems:
+        """One batch's forward pass, storage cast and per-item statistics (may run on a forward thread)."""
         acts = capture(tokens_BL.to(self.device))
         tokens_BL = tokens_BL[:, self.positions]
         keep = None
         if self.exclude is not None:
             keep = ~torch.isin(tokens_BL.reshape(-1), self.exclude)
             tokens_BL = tokens_BL.reshape(-1)[keep]
-        units = len(tokens_BL)
-        chunk = _Chunk(batch=batch_index, acts={}, tokens=tokens_BL.reshape(units, -1).cpu(), labels=labels)
+        n_items = len(tokens_BL)
+        output = _BatchItems(batch=batch_index, acts={}, tokens=tokens_BL.reshape(n_items, -1).cpu(), labels=labels)
         for hook, act in acts.items():
             if keep is not None:
                 act = act.reshape(-1, act.shape[-1])[keep.to(act.device)]
             stored = act.to(self.storage_dtype)
-            chunk.unit_stats[hook] = HookStats.per_unit(act, stored).cpu()
-            chunk.acts[hook] = stored.reshape(units, -1)
-        return chunk
+            output.item_stats[hook] = HookStats.per_item(act, stored).cpu()
+            output.acts[hook] = stored.reshape(n_items, -1)
+        return output
 
-    def _check_overflow(self, hook: str, unit_stats: torch.Tensor) -> None:
-        n_new_inf = int(unit_stats[:, 5].sum())
+    def _check_overflow(self, hook: str, item_stats: torch.Tensor) -> None:
+        n_new_inf = int(item_stats[:, 5].sum())
         if not n_new_inf:
             return
         message = (

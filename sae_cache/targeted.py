@@ -1,17 +1,17 @@
 """Position-targeted caching: activations at a target substring's tokens, one row per prompt, with labels.
 
 Owns `TargetedCacheConfig` and `cache_targeted`: for input rows of (prompt, target substring, label
-columns), length-sorted right-padded batches cut at each prompt's last cached token, one `capture` per
+columns), length-sorted right-padded batches cut at each prompt's last cached token, one capture per
 batch with an automatic batch size (halved on CUDA out-of-memory), and the rows in input (or seeded
 shuffled) order with their labels. target_spans finds the cached positions (pure), arrow_format owns
-the columns' layout, consolidate's staging and swap publish the cache. docs/targeted.md explains the
-choices and the measured padding savings.
+the columns' layout; the output check, publishing and metadata are the runner's own (sae_cache.publish,
+sae_cache.metadata): only the data differs. docs/targeted.md explains the choices and the measured
+padding savings.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,27 +21,25 @@ import numpy as np
 import torch
 
 from sae_cache.arrow_format import (
-    POSITIONS,
-    SOURCE_INDEX,
-    TOKEN_IDS,
+    ArrowFileWriter,
     data_file_name,
     fingerprint_of,
     mixed_record_batch,
     targeted_features,
-    write_record_batches,
 )
+from sae_cache.columns import POSITIONS, SOURCE_INDEX, TOKEN_IDS
 from sae_cache.config import STORAGE_DTYPES
-from sae_cache.consolidate import (
+from sae_cache.metadata import build_metadata
+from sae_cache.model import ModelAdapter, adapt
+from sae_cache.publish import (
     RunPaths,
+    check_output,
     finish_staging,
-    is_complete_cache,
-    is_empty_dir,
+    publishing,
     remove_work,
     repair_interrupted_swap,
     reset_dir,
-    swap_into_place,
 )
-from sae_cache.model import capture, check_hook_names, model_device, probe_hook_dims
 from sae_cache.target_spans import LocatedPrompt, locate_prompts
 
 logger = logging.getLogger("sae_cache")
@@ -136,12 +134,17 @@ def length_order(lengths: np.ndarray, sort_by_length: bool) -> np.ndarray:
 def padding_tokens(lengths: np.ndarray, order: np.ndarray, batch_size: int) -> int:
     """Pad tokens in the right-padded batches of `batch_size` consecutive rows of `order`."""
     lengths = np.asarray(lengths)[order]
-    return int(sum(b.max() * len(b) - b.sum() for b in np.split(lengths, range(batch_size, len(lengths), batch_size))))
+    return sum(batch_padding(b) for b in np.split(lengths, range(batch_size, len(lengths), batch_size)))
 
 
-def batch_activations(model, rows: list[LocatedPrompt], hook_names: list[str], pad_token_id: int) -> dict:
+def batch_padding(lengths) -> int:
+    """Pad tokens of one right-padded batch of rows of these lengths."""
+    return int(max(lengths) * len(lengths) - sum(lengths))
+
+
+def batch_activations(model: ModelAdapter, rows: list[LocatedPrompt], hook_names: list[str], pad_token_id: int) -> dict:
     """{hook: acts [rows, n_positions, d]} from one right-padded, masked forward pass; -1 positions give zeros."""
-    device = model_device(model)
+    device = model.device
     length = max(r.forward_length for r in rows)
     tokens_BL = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     mask_BL = torch.zeros((len(rows), length), dtype=torch.long)
@@ -150,93 +153,103 @@ def batch_activations(model, rows: list[LocatedPrompt], hook_names: list[str], p
         tokens_BL[i, :n] = torch.from_numpy(r.token_ids[:n].astype(np.int64))
         mask_BL[i, :n] = 1
     positions_BN = torch.from_numpy(np.stack([r.positions for r in rows])).to(device)
-    acts = capture(model, tokens_BL.to(device), hook_names, model_kwargs={"attention_mask": mask_BL.to(device)})
+    with model.capture(hook_names) as cap:
+        acts = cap(tokens_BL.to(device), attention_mask=mask_BL.to(device))
     rows_B1 = torch.arange(len(rows), device=device)[:, None]
     keep_BN1 = (positions_BN >= 0)[..., None]
     return {h: torch.where(keep_BN1, acts[h][rows_B1, positions_BN.clamp(min=0)], 0) for h in hook_names}
 
 
 def run_batches(
-    model, located: list[LocatedPrompt], order: np.ndarray, cfg: TargetedCacheConfig, pad_token_id: int, sink
+    model: ModelAdapter,
+    located: list[LocatedPrompt],
+    order: np.ndarray,
+    cfg: TargetedCacheConfig,
+    pad_token_id: int,
+    sink,
 ):
     """Feed batches in `order` through the model, calling sink(indices, acts); returns (batch size found, pad tokens)."""
     size, start, pads = cfg.batch_size, 0, 0
     while start < len(order):
-        chunk = order[start : start + size]
-        rows = [located[i] for i in chunk]
+        batch = order[start : start + size]
+        rows = [located[i] for i in batch]
         try:
             acts = batch_activations(model, rows, cfg.hook_names, pad_token_id)
         except torch.cuda.OutOfMemoryError:
-            if not cfg.auto_batch_size or len(chunk) == 1:
+            if not cfg.auto_batch_size or len(batch) == 1:
                 raise
             acts = None
         if acts is None:  # handled outside `except`, whose traceback would keep the failed batch's tensors alive
-            size = len(chunk) // 2
-            logger.warning("CUDA out of memory with %d prompts per batch; going on with %d", len(chunk), size)
+            size = len(batch) // 2
+            logger.warning("CUDA out of memory with %d prompts per batch; going on with %d", len(batch), size)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
-        sink(chunk, acts)
-        lengths = [r.forward_length for r in rows]
-        pads += max(lengths) * len(rows) - sum(lengths)
-        start += len(chunk)
+        sink(batch, acts)
+        pads += batch_padding([r.forward_length for r in rows])
+        start += len(batch)
     return size, pads
 
 
 def cache_targeted(cfg: TargetedCacheConfig, dataset: datasets.Dataset, model) -> datasets.Dataset:
     """Cache the activations at each prompt's target tokens and return the published cache (see the module docstring)."""
-    tokenizer, bos, n_ctx = _check_inputs(cfg, dataset, model)
+    model = adapt(model)
+    bos = _check_inputs(cfg, dataset, model)
     paths = RunPaths(Path(cfg.output_path))
-    _check_output(cfg, paths)
+    repair_interrupted_swap(paths.out)
+    check_output(paths, field="output_path", overwrite=cfg.overwrite, resume=None)
     located, counts = locate_prompts(
         dataset[cfg.prompt_column],
         dataset[cfg.target_column],
-        tokenizer,
+        model.tokenizer,
         occurrence=cfg.occurrence,
         n_positions=cfg.n_positions,
         short_span=cfg.short_span,
         bos_token_id=bos,
-        n_ctx=n_ctx,
+        n_ctx=model.n_ctx,
     )
     if not located:
         raise ValueError(
             f"no prompt kept out of {len(dataset)} (skipped: {dict(counts)}): check target_column and the prompts."
         )
-    hook_dims = probe_hook_dims(model, cfg.hook_names)
+    hook_dims = model.hook_dims(cfg.hook_names)
     if cfg.output_order == "shuffle":
         located = [located[i] for i in np.random.default_rng(cfg.seed).permutation(len(located))]
     counts.update(input_rows=len(dataset), kept=len(located))
     reset_dir(paths.work)
     try:
+        tokenizer = model.tokenizer
         pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-        store, found, pads = _compute(cfg, model, located, hook_dims, paths.work, pad_id)
+        acts, found, pads = _compute(cfg, model, located, hook_dims, paths.work, pad_id)
         metadata = _metadata(cfg, model, hook_dims, counts, found, pads, sum(r.forward_length for r in located))
         logger.info("targeted cache: %s, batch size %d", metadata["counts"], found)
-        _publish(cfg, paths, dataset, located, store, hook_dims, metadata)
-    except BaseException:
+        _publish(cfg, paths, dataset, located, acts, hook_dims, metadata)
+        acts.clear()
+    finally:
         remove_work(paths)
-        raise
     return datasets.load_from_disk(cfg.output_path)
 
 
-def _compute(cfg, model, rows: list[LocatedPrompt], hook_dims: dict, work: Path, pad_id: int) -> tuple[dict, int, int]:
+def _compute(
+    cfg, model: ModelAdapter, rows: list[LocatedPrompt], hook_dims: dict, work: Path, pad_id: int
+) -> tuple[dict, int, int]:
     """Every row's activations into memory-mapped (rows, n_positions, d) arrays in `work`, row for row."""
-    store = {
+    acts_by_hook = {
         h: np.lib.format.open_memmap(work / f"acts-{i}.npy", "w+", cfg.dtype, (len(rows), cfg.n_positions, d))
         for i, (h, d) in enumerate(hook_dims.items())
     }
 
-    def sink(chunk: np.ndarray, acts: dict) -> None:
+    def sink(batch: np.ndarray, acts: dict) -> None:
         for h, a in acts.items():
-            store[h][chunk] = a.to(getattr(torch, cfg.dtype)).cpu().numpy()
+            acts_by_hook[h][batch] = a.to(getattr(torch, cfg.dtype)).cpu().numpy()
 
     order = length_order(np.array([r.forward_length for r in rows]), cfg.sort_by_length)
     found, pads = run_batches(model, rows, order, cfg, pad_id, sink)
-    return store, found, pads
+    return acts_by_hook, found, pads
 
 
-def _check_inputs(cfg: TargetedCacheConfig, dataset: datasets.Dataset, model) -> tuple:
-    """Everything checkable before a forward pass; returns the tokenizer, BOS id (or None) and n_ctx."""
+def _check_inputs(cfg: TargetedCacheConfig, dataset: datasets.Dataset, model: ModelAdapter) -> int | None:
+    """Everything checkable before a forward pass; returns the BOS id to put before each prompt (or None)."""
     if not isinstance(dataset, datasets.Dataset):
         raise ValueError(
             f"dataset is a {type(dataset).__name__}: give a datasets.Dataset (pick a split of a DatasetDict)."
@@ -247,58 +260,43 @@ def _check_inputs(cfg: TargetedCacheConfig, dataset: datasets.Dataset, model) ->
     for name in (cfg.prompt_column, cfg.target_column):
         if dataset.features[name] not in (datasets.Value("string"), datasets.Value("large_string")):
             raise ValueError(f"column {name!r} holds {dataset.features[name]}, not strings.")
-    check_hook_names(model, cfg.hook_names)
-    model_cfg = getattr(model, "cfg", None)
-    if getattr(model_cfg, "attention_dir", "causal") != "causal":
+    model.check_hooks(cfg.hook_names)
+    if not model.causal:
         raise ValueError("targeted caching needs a causal model: right padding is exact only under causal attention.")
-    tokenizer = getattr(model, "tokenizer", None)
+    tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("the model has no tokenizer: set model.tokenizer (prompts are tokenized to find the targets).")
-    prepend = cfg.prepend_bos if cfg.prepend_bos is not None else getattr(model_cfg, "default_prepend_bos", True)
+    prepend = cfg.prepend_bos if cfg.prepend_bos is not None else model.default_prepend_bos
     if prepend and tokenizer.bos_token_id is None:
         raise ValueError("prepend_bos is on but the tokenizer has no BOS token: set prepend_bos=False.")
-    return tokenizer, tokenizer.bos_token_id if prepend else None, getattr(model_cfg, "n_ctx", None)
+    return tokenizer.bos_token_id if prepend else None
 
 
-def _check_output(cfg: TargetedCacheConfig, paths: RunPaths) -> None:
-    repair_interrupted_swap(paths.out)
-    if paths.out.exists() and not paths.out.is_dir():
-        raise ValueError(f"output_path={cfg.output_path!r} is a file: choose a directory path.")
-    if paths.out.exists() and not is_empty_dir(paths.out) and not cfg.overwrite:
-        what = "a finished cache" if is_complete_cache(paths.out) else "other files"
-        raise ValueError(
-            f"{paths.out} already holds {what}: pass overwrite=True to replace it, or choose another path."
-        )
-    if paths.work.exists() and not cfg.overwrite:
-        raise ValueError(f"{paths.work} is left from an unfinished run: remove it or pass overwrite=True.")
-
-
-def _metadata(cfg, model, hook_dims, counts: Counter, found: int, pads: int, tokens: int) -> dict:
+def _metadata(cfg, model: ModelAdapter, hook_dims, counts: Counter, found: int, pads: int, tokens: int) -> dict:
     skipped = {k: counts[k] for k in ("not_found", "short_span", "beyond_context")}
-    return {
-        "kind": "targeted",
-        "created_unix": int(time.time()),
-        "n_rows": counts["kept"],
-        "n_positions": cfg.n_positions,
-        "dtype": cfg.dtype,
-        "hooks": {h: {"d_in": d} for h, d in hook_dims.items()},
-        "counts": {
+    return build_metadata(
+        "targeted",
+        n_rows=counts["kept"],
+        dtype=cfg.dtype,
+        hook_dims=hook_dims,
+        tokenizer=model.tokenizer,
+        config=asdict(cfg),
+        n_positions=cfg.n_positions,
+        counts={
             "input_rows": counts["input_rows"],
             "kept": counts["kept"],
             "skipped": sum(skipped.values()),
             **skipped,
             "multiple_occurrences": counts["multiple_occurrences"],
         },
-        "batch_size": {"requested": cfg.batch_size, "found": found},
-        "padding": {"forward_tokens": tokens + pads, "pad_tokens": pads},
-        "model": getattr(getattr(model, "cfg", None), "model_name", type(model).__name__),
-        "tokenizer": getattr(model.tokenizer, "name_or_path", None) or type(model.tokenizer).__name__,
-        "config": asdict(cfg),
-    }
+        batch_size={"requested": cfg.batch_size, "found": found},
+        padding={"forward_tokens": tokens + pads, "pad_tokens": pads},
+        model=model.name,
+    )
 
 
-def _publish(cfg, paths: RunPaths, dataset, rows: list[LocatedPrompt], store: dict, hook_dims, metadata) -> None:
-    """Write the rows (already in output order) into staging, then swap it into place and drop the work directory."""
+def _publish(cfg, paths: RunPaths, dataset, rows: list[LocatedPrompt], acts: dict, hook_dims, metadata) -> None:
+    """Write the rows (already in output order) into a staged cache and publish it."""
     labels = datasets.Features({c: dataset.features[c] for c in cfg.label_columns})
     features = targeted_features(hook_dims, cfg.n_positions, cfg.dtype, labels)
     label_rows = dataset.select_columns(cfg.label_columns).select([r.source_index for r in rows]).with_format("arrow")
@@ -306,22 +304,21 @@ def _publish(cfg, paths: RunPaths, dataset, rows: list[LocatedPrompt], store: di
     per_file = max(1, FILE_BYTES // row_bytes)
     starts = range(0, len(rows), per_file)
     names = [data_file_name(i, len(starts)) for i in range(len(starts))]
-    reset_dir(paths.staging)
-    for name, a in zip(names, starts):
-        part = rows[a : a + per_file]
-        columns = {
-            TOKEN_IDS: [r.token_ids for r in part],
-            POSITIONS: np.stack([r.positions for r in part]),
-            SOURCE_INDEX: np.array([r.source_index for r in part], dtype=np.int64),
-        }
-        columns.update({h: store[h][a : a + per_file] for h in hook_dims})
-        table = label_rows[a : a + per_file]
-        columns.update({c: table.column(c) for c in cfg.label_columns})
-        write_record_batches(paths.staging / name, features, [mixed_record_batch(features, columns)])
     fingerprint = fingerprint_of(
         {"config": asdict(cfg), "data": getattr(dataset, "_fingerprint", None), "rows": len(rows)}
     )
-    finish_staging(paths.staging, features, names, fingerprint, metadata)
-    swap_into_place(paths.staging, paths.out)
-    store.clear()
-    remove_work(paths)
+    with publishing(paths) as staging:
+        for name, a in zip(names, starts):
+            part = rows[a : a + per_file]
+            columns = {
+                TOKEN_IDS: [r.token_ids for r in part],
+                POSITIONS: np.stack([r.positions for r in part]),
+                SOURCE_INDEX: np.array([r.source_index for r in part], dtype=np.int64),
+            }
+            columns.update({h: acts[h][a : a + per_file] for h in hook_dims})
+            table = label_rows[a : a + per_file]
+            columns.update({c: table.column(c) for c in cfg.label_columns})
+            writer = ArrowFileWriter(staging / name, features)
+            writer.write_batch(mixed_record_batch(features, columns))
+            writer.close()
+        finish_staging(staging, features, names, fingerprint, metadata)

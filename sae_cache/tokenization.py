@@ -6,8 +6,7 @@ Owns the pure (no model, no I/O) part of input handling:
 - packing raw-text token sequences into rows of ``context_size`` tokens, row for row identical to
   ``sae_lens.tokenization_and_batching.concat_and_batch_sequences`` (SAELens 6.x) called with
   ``begin_sequence_token_id=None``;
-- cutting pretokenized rows to ``context_size``;
-- the row length left after ``seqpos_slice``.
+- cutting pretokenized rows to ``context_size``.
 
 Sequences are handled as numpy int64 arrays and sliced, so the cost is per row, not per token.
 """
@@ -20,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-SPECIAL_TOKEN_NAMES = ("bos", "eos", "sep")
+from sae_cache.config import SPECIAL_TOKEN_NAMES
 
 TokenSeq = Sequence[int] | torch.Tensor | np.ndarray
 
@@ -159,10 +158,3 @@ def truncate_pretokenized(rows: Iterable[TokenSeq], *, context_size: int) -> Ite
                 f"lower context_size to at most {len(arr)} (pretokenized rows are never padded or joined)"
             )
         yield _to_row([arr[:context_size]])
-
-
-def sliced_length(context_size: int, seqpos_slice: tuple[int | None, ...]) -> int:
-    """Number of positions of a ``context_size`` row that ``seqpos_slice`` keeps."""
-    if not 1 <= len(seqpos_slice) <= 3:
-        raise ValueError(f"seqpos_slice must have 1 to 3 entries (start, stop, step), got {seqpos_slice!r}")
-    return len(range(context_size)[slice(*seqpos_slice)])

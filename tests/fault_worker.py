@@ -45,9 +45,9 @@ import torch  # noqa: E402
 from conftest import build_model, build_tokenizer, make_texts  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig, consolidate, shuffle, store, writer  # noqa: E402
-from sae_cache.arrow_format import METADATA_FILE  # noqa: E402
-from sae_cache.consolidate import BACKUP_SUFFIX, TMP_SUFFIX  # noqa: E402
+from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig, publish, shuffle, store, writer  # noqa: E402
+from sae_cache.metadata import METADATA_FILE  # noqa: E402
+from sae_cache.publish import BACKUP_SUFFIX, WORK_SUFFIX  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -192,7 +192,7 @@ def _gather(n):
 def _stage_link(n):
     """After the n-th shard was given its name in the staged cache."""
     calls = [0]
-    real = consolidate.link_or_copy
+    real = publish.link_or_copy
 
     def link_or_copy(src, dst):
         real(src, dst)
@@ -200,19 +200,19 @@ def _stage_link(n):
         if calls[0] == n:
             die(f"staging: {n} shard(s) linked", staging=listing(Path(dst).parent), shards=listing(Path(src).parent))
 
-    consolidate.link_or_copy = link_or_copy
+    publish.link_or_copy = link_or_copy
 
 
 def _staging_metadata(_n):
     """The staged cache's datasets files written, its sae_cache.json not yet."""
-    real = consolidate.write_json_atomic
+    real = publish.write_json_atomic
 
     def write_json_atomic(path, payload):
         if Path(path).name == METADATA_FILE:
             die("staged cache without its metadata", staging=listing(Path(path).parent))
         return real(path, payload)
 
-    consolidate.write_json_atomic = write_json_atomic
+    publish.write_json_atomic = write_json_atomic
 
 
 def _swap(step):
@@ -222,7 +222,7 @@ def _swap(step):
         if name == step:
             die(f"swap: before step {step!r}")
 
-    consolidate.fault_point = fault_point
+    publish.fault_point = fault_point
 
 
 def _rmtree_partial(suffix, first):
@@ -252,7 +252,7 @@ FAULTS = {
     "staging-metadata": _staging_metadata,
     "swap": _swap,
     "rmtree-backup": lambda _n: _rmtree_partial(BACKUP_SUFFIX, "data-00000-*.arrow"),
-    "rmtree-work": lambda _n: _rmtree_partial(TMP_SUFFIX, "shards/shard_0000[01].*"),
+    "rmtree-work": lambda _n: _rmtree_partial(WORK_SUFFIX, "shards/shard_0000[01].*"),
 }
 
 

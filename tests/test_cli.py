@@ -10,7 +10,8 @@ import datasets
 import pytest
 
 from sae_cache import cli
-from sae_cache.arrow_format import METADATA_FILE
+from sae_cache.metadata import METADATA_FILE
+from sae_cache.model import adapt
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -90,7 +91,7 @@ def test_flag_forms():
 def test_cli_runs_a_cache_from_a_local_dataset_directory(model, text_dataset, tmp_path, monkeypatch, capsys):
     data_dir = tmp_path / "data"
     text_dataset.save_to_disk(str(data_dir))
-    monkeypatch.setattr("sae_cache.runner.load_model", lambda cfg: model)
+    monkeypatch.setattr("sae_cache.runner.load_model", lambda name, **kwargs: adapt(model))
     out = tmp_path / "out"
     code = cli.main(
         [
@@ -149,7 +150,7 @@ def test_targeted_verb_caches_and_info_describes_it(model, tmp_path, monkeypatch
             "y": [1, 2, 3],
         }
     ).save_to_disk(str(data_dir))
-    monkeypatch.setattr("sae_cache.model.load_model", lambda cfg: model)
+    monkeypatch.setattr("sae_cache.model.load_model", lambda name, **kwargs: adapt(model))
     out = tmp_path / "targeted"
     code = cli.main(
         [

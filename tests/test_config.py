@@ -8,7 +8,7 @@ import pytest
 from sae_lens.config import CacheActivationsRunnerConfig as SaeLensConfig
 
 from sae_cache import CacheActivationsRunnerConfig
-from sae_cache.config import default_cache_path
+from sae_cache.config import default_cache_path, sliced_length
 
 SAELENS_KWARGS = dict(
     dataset_path="NeelNanda/pile-10k",
@@ -156,3 +156,17 @@ def test_valid_combinations():
     assert cfg.dtype == "float16"
     assert cfg.sequence_separator_token == 7
     assert cfg.seqpos_slice == (1, None, 2)
+
+
+@pytest.mark.parametrize(
+    ("context_size", "seqpos_slice", "expected"),
+    [(8, (None,), 8), (8, (1,), 1), (8, (None, -1), 7), (8, (2, 8, 2), 3), (3, (5, None), 0), (8, (-2, None), 2)],
+)
+def test_sliced_length(context_size, seqpos_slice, expected):
+    # A 1-tuple is the stop, as with slice(1): (1,) keeps only position 0.
+    assert sliced_length(context_size, seqpos_slice) == expected
+
+
+def test_an_empty_seqpos_slice_is_refused():
+    with pytest.raises(ValueError, match="seqpos_slice"):
+        CacheActivationsRunnerConfig(seqpos_slice=(), device="cpu")

@@ -7,9 +7,9 @@ import json
 import pytest
 from datasets import load_from_disk
 
-from sae_cache import CacheActivationsRunner, consolidate
-from sae_cache.arrow_format import METADATA_FILE
-from sae_cache.consolidate import RunPaths, repair_interrupted_swap, swap_into_place
+from sae_cache import CacheActivationsRunner, publish
+from sae_cache.metadata import METADATA_FILE
+from sae_cache.publish import RunPaths, repair_interrupted_swap, swap_into_place
 
 
 class Injected(RuntimeError):
@@ -37,12 +37,12 @@ def test_failure_at_each_step_keeps_a_complete_cache(tmp_path, monkeypatch, step
     make_dir(staging, "new")
     sentinel = tmp_path / "sentinel.txt"
     sentinel.write_text("keep me")
-    monkeypatch.setattr(consolidate, "fault_point", fail_at(step))
+    monkeypatch.setattr(publish, "fault_point", fail_at(step))
     with pytest.raises(Injected):
         swap_into_place(staging, out)
     expected = "new" if step == "cleanup" else "old"
     assert (out / "file").read_text() == expected
-    monkeypatch.setattr(consolidate, "fault_point", lambda name: None)
+    monkeypatch.setattr(publish, "fault_point", lambda name: None)
     repair_interrupted_swap(out)
     assert (out / "file").read_text() == expected
     assert not RunPaths(out).backup.exists()
@@ -77,7 +77,7 @@ def test_repair_refuses_to_guess_between_two_incomplete_copies(tmp_path):
 def test_runner_overwrite_failing_mid_swap_keeps_the_old_cache(model, text_dataset, make_cfg, monkeypatch):
     first = CacheActivationsRunner(make_cfg(), override_dataset=text_dataset, model=model).run()
     out = make_cfg().new_cached_activations_path
-    monkeypatch.setattr(consolidate, "fault_point", fail_at("install"))
+    monkeypatch.setattr(publish, "fault_point", fail_at("install"))
     with pytest.raises(Injected):
         CacheActivationsRunner(
             make_cfg(training_tokens=16 * 12, overwrite=True), override_dataset=text_dataset, model=model

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from sae_cache import consolidate
-from sae_cache.arrow_format import INFO_FILE, METADATA_FILE, STATE_FILE, TOKEN_IDS
+from sae_cache import publish
+from sae_cache.arrow_format import INFO_FILE, STATE_FILE
+from sae_cache.columns import TOKEN_IDS
 from sae_cache.config import CacheActivationsRunnerConfig
-from sae_cache.metadata import build_metadata
+from sae_cache.metadata import METADATA_FILE, activations_metadata
 from sae_cache.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +65,20 @@ def test_check_flag_exits_1_when_stale(generator, tmp_path):
 def test_format_doc_names_the_layout():
     """docs/format.md names the files, columns and sibling directories the code uses, and every metadata key."""
     text = (DOCS / "format.md").read_text(encoding="utf-8")
-    names = [INFO_FILE, STATE_FILE, METADATA_FILE, TOKEN_IDS, consolidate.TMP_SUFFIX, consolidate.BACKUP_SUFFIX]
+    names = [INFO_FILE, STATE_FILE, METADATA_FILE, TOKEN_IDS, publish.WORK_SUFFIX, publish.BACKUP_SUFFIX]
     for name in names:
         assert name in text, f"docs/format.md does not mention {name}"
     cfg = CacheActivationsRunnerConfig(context_size=16, training_tokens=64, device="cpu")
-    plan = make_plan(cfg, context_size=16, hook_dims={"blocks.2.hook_resid_post": 8})
-    metadata = build_metadata(cfg, plan, stats={}, tokenizer=None)
+    plan = make_plan(
+        context_size=16,
+        hook_dims={"blocks.2.hook_resid_post": 8},
+        seqpos_slice=cfg.seqpos_slice,
+        training_tokens=cfg.training_tokens,
+        dtype=cfg.dtype,
+        model_batch_size=cfg.model_batch_size,
+        buffer_size_gb=cfg.buffer_size_gb,
+        shuffle=cfg.shuffle,
+    )
+    metadata = activations_metadata(cfg, plan, stats={}, tokenizer=None)
     for key in metadata:
         assert f"`{key}`" in text, f"docs/format.md does not describe the metadata key {key!r}"

@@ -34,9 +34,9 @@ import pytest
 from conftest import ROW_BYTES
 from datasets import load_from_disk
 
-from sae_cache.arrow_format import INFO_FILE, METADATA_FILE, STATE_FILE
-from sae_cache.consolidate import RunPaths
-from sae_cache.metadata import NON_OUTPUT_FIELDS
+from sae_cache.arrow_format import INFO_FILE, STATE_FILE
+from sae_cache.metadata import METADATA_FILE, NON_OUTPUT_FIELDS
+from sae_cache.publish import RunPaths
 
 WORKER = Path(__file__).with_name("fault_worker.py")
 BASE = dict(

@@ -153,8 +153,8 @@ def test_a_run_never_changes_the_model_defaults(model, text_dataset, make_cfg, m
 
 
 def test_text_tokens_equal_to_tokens_without_bos(model, text_dataset):
-    from sae_cache.data import _text_tokens
+    from sae_cache.model import adapt
 
     for text in [row["text"] for row in text_dataset.select(range(20))] + ["", " a  b ", "\n"]:
         expected = model.to_tokens(text, prepend_bos=False, truncate=False, move_to_device=False).squeeze(0)
-        assert torch.equal(_text_tokens(model, text), expected)
+        assert torch.equal(adapt(model).tokenize(text), expected)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sae_cache import CacheActivationsRunner, CachedActivations
-from sae_cache.consolidate import RunPaths
 from sae_cache.hub import CONFIG_FILE_IN_REPO, push_cache
+from sae_cache.publish import RunPaths
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -50,19 +50,28 @@ def finished(model, text_dataset, make_cfg):
 def test_push_sends_shards_and_config(finished):
     cfg, out = finished
     api = FakeApi()
-    files = push_cache(out, cfg, api=api)
+    files = push_cache(
+        out,
+        repo_id=cfg.hf_repo_id,
+        export_dir=RunPaths(out).hub,
+        config=cfg.to_dict(),
+        num_shards=cfg.hf_num_shards,
+        revision=cfg.hf_revision,
+        private=cfg.hf_is_private_repo,
+        api=api,
+    )
     assert files == [f"data/train-{i:05d}-of-00003.parquet" for i in range(3)]
     kinds = [c[0] for c in api.calls]
     assert kinds == ["create_repo", "create_branch", "upload_folder", "upload_file"]
     assert api.calls[0][2]["private"] is True and api.calls[0][2]["repo_type"] == "dataset"
     assert api.calls[2][2] == 40 and api.calls[2][3]["revision"] == "v1"
     assert api.calls[3][1] == CONFIG_FILE_IN_REPO and api.calls[3][2]["hf_repo_id"] == "me/acts"
-    assert not RunPaths(out).work.exists()  # the export is removed afterwards
+    assert not RunPaths(out).hub.exists()  # the export is removed afterwards
 
 
 def test_runner_pushes_when_hf_repo_id_is_set(model, text_dataset, make_cfg, monkeypatch):
     pushed = []
-    monkeypatch.setattr("sae_cache.hub.push_cache", lambda out, cfg: pushed.append((out, cfg.hf_repo_id)))
+    monkeypatch.setattr("sae_cache.hub.push_cache", lambda out, **kwargs: pushed.append((out, kwargs["repo_id"])))
     CacheActivationsRunner(make_cfg(hf_repo_id="me/acts"), override_dataset=text_dataset, model=model).run()
     assert pushed and pushed[0][1] == "me/acts"
 
@@ -70,7 +79,7 @@ def test_runner_pushes_when_hf_repo_id_is_set(model, text_dataset, make_cfg, mon
 def test_reader_file_order_is_zero_copy_and_complete(finished):
     _, out = finished
     reader = CachedActivations(out)
-    assert (len(reader), reader.context_size, reader.d_in(), reader.hook_names) == (40, 16, 32, [HOOK])
+    assert (len(reader), reader.sliced_context_size, reader.d_in(), reader.hook_names) == (40, 16, 32, [HOOK])
     batches = list(reader.batches(64))
     acts = torch.cat([a for a, _ in batches])
     tokens = torch.cat([t for _, t in batches])

@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 
 from sae_cache import CacheActivationsRunner, store
-from sae_cache.consolidate import RunPaths
+from sae_cache.publish import RunPaths
 
 
 @pytest.fixture

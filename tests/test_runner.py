@@ -14,8 +14,8 @@ import torch
 from sae_lens.tokenization_and_batching import concat_and_batch_sequences
 
 from sae_cache import CacheActivationsRunner
-from sae_cache.arrow_format import METADATA_FILE
-from sae_cache.consolidate import RunPaths
+from sae_cache.metadata import METADATA_FILE
+from sae_cache.publish import RunPaths
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -161,11 +161,11 @@ def test_dtypes_are_stored_as_asked(model, text_dataset, make_cfg, dtype):
 
 
 def test_unshuffled_consolidation_does_not_rewrite_bytes(model, text_dataset, make_cfg, monkeypatch):
-    from sae_cache import consolidate
+    from sae_cache import publish
 
     linked = []
     real_link = os.link
-    monkeypatch.setattr(consolidate.os, "link", lambda a, b: (linked.append((a, b)), real_link(a, b)))
+    monkeypatch.setattr(publish.os, "link", lambda a, b: (linked.append((a, b)), real_link(a, b)))
     run(make_cfg(), text_dataset, model)
     assert len(linked) == 4  # every shard became a data file by a hard link
 

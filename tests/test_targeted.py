@@ -16,13 +16,13 @@ from datasets import ClassLabel, Dataset, Features, Sequence, Value
 
 from sae_cache import targeted
 from sae_cache.arrow_format import (
-    METADATA_FILE,
+    ArrowFileWriter,
     data_file_name,
     mixed_record_batch,
     targeted_features,
     write_dataset_files,
-    write_record_batches,
 )
+from sae_cache.metadata import METADATA_FILE
 from sae_cache.target_spans import find_target, locate_prompts, span_positions, token_offsets, token_span
 from sae_cache.targeted import TargetedCacheConfig, cache_targeted, length_order, padding_tokens
 
@@ -351,7 +351,7 @@ def test_out_of_memory_halves_the_batch_and_reports_the_size(model, prompts_data
 def test_out_of_memory_is_raised_at_size_one_or_without_auto(
     model, prompts_dataset, tmp_path, monkeypatch, limit, auto
 ):
-    monkeypatch.setattr(targeted, "probe_hook_dims", lambda model, hooks: {HOOKS[0]: 32, HOOKS[1]: 32})
+    monkeypatch.setattr(targeted.ModelAdapter, "hook_dims", lambda self, hooks: {HOOKS[0]: 32, HOOKS[1]: 32})
     fake_oom_above(monkeypatch, model, limit)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         cache_targeted(make_config(tmp_path, batch_size=4, auto_batch_size=auto), prompts_dataset, model)
@@ -444,7 +444,10 @@ def test_targeted_columns_round_trip_through_load_from_disk(tmp_path):
     table = source.with_format("arrow")[:]
     columns.update({c: table.column(c) for c in labels})
     name = data_file_name(0, 1)
-    assert write_record_batches(tmp_path / name, features, [mixed_record_batch(features, columns)]) == 3
+    writer = ArrowFileWriter(tmp_path / name, features)
+    writer.write_batch(mixed_record_batch(features, columns))
+    writer.close()
+    assert writer.rows == 3
     write_dataset_files(tmp_path, features, [name], fingerprint="0" * 16)
     back = datasets.load_from_disk(str(tmp_path))
     assert back.features == features

@@ -15,7 +15,6 @@ from sae_cache.demo.tokenizer import train_bpe_tokenizer, wrap_tokenizer
 from sae_cache.tokenization import (
     pack_sequences,
     resolve_special_token,
-    sliced_length,
     truncate_pretokenized,
 )
 
@@ -236,17 +235,3 @@ def test_truncate_pretokenized_short_later_row_names_its_index():
     assert len([next(rows), next(rows)]) == 2
     with pytest.raises(ValueError, match="row 2 has 1 tokens"):
         next(rows)
-
-
-@pytest.mark.parametrize(
-    ("context_size", "seqpos_slice", "expected"),
-    [(8, (None,), 8), (8, (1,), 1), (8, (None, -1), 7), (8, (2, 8, 2), 3), (3, (5, None), 0), (8, (-2, None), 2)],
-)
-def test_sliced_length(context_size, seqpos_slice, expected):
-    # A 1-tuple is the stop, as with slice(1): (1,) keeps only position 0.
-    assert sliced_length(context_size, seqpos_slice) == expected
-
-
-def test_sliced_length_rejects_empty_slice():
-    with pytest.raises(ValueError, match="seqpos_slice"):
-        sliced_length(8, ())

@@ -23,7 +23,16 @@ def test_pieces_cover_each_buffer_and_stay_small(buffer_gb, d):
     cfg = CacheActivationsRunnerConfig(
         hook_name=HOOK, training_tokens=3_000_000, context_size=128, buffer_size_gb=buffer_gb
     )
-    plan = make_plan(cfg, context_size=128, hook_dims={HOOK: d})
+    plan = make_plan(
+        context_size=128,
+        hook_dims={HOOK: d},
+        seqpos_slice=cfg.seqpos_slice,
+        training_tokens=cfg.training_tokens,
+        dtype=cfg.dtype,
+        model_batch_size=cfg.model_batch_size,
+        buffer_size_gb=cfg.buffer_size_gb,
+        shuffle=cfg.shuffle,
+    )
     assert plan.rows_per_piece >= 1
     assert plan.rows_per_piece * plan.bytes_per_row <= max(PIECE_BYTES, plan.bytes_per_row)
     assert plan.rows_per_piece <= max(1, -(-plan.rows_per_buffer // 4))
@@ -35,14 +44,14 @@ def test_pieces_cover_each_buffer_and_stay_small(buffer_gb, d):
 
 def test_each_shard_is_written_piece_by_piece_from_a_pool_of_three(model, text_dataset, make_cfg, monkeypatch):
     allocations = []
-    real_new = store.ActivationsStore.new_host_buffer
+    real_new = store.ActivationsStore.new_piece
 
     def counted(self):
         tensors = real_new(self)
         allocations.append(len(tensors[HOOK]))
         return tensors
 
-    monkeypatch.setattr(store.ActivationsStore, "new_host_buffer", counted)
+    monkeypatch.setattr(store.ActivationsStore, "new_piece", counted)
     cfg = make_cfg()  # 40 rows, 10 rows per buffer
     runner = CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model)
     ds = runner.run().with_format("torch")
