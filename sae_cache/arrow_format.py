@@ -1,12 +1,12 @@
 """The on-disk layout that `datasets.load_from_disk` opens: one module owns it.
 
-A cache directory holds `data-XXXXX-of-NNNNN.arrow` files (Arrow IPC streams whose schema carries
-datasets' `huggingface` metadata), `state.json`, `dataset_info.json` (and our metadata file, which
-datasets ignores: sae_cache.metadata). Activations are datasets' `Array2D(shape=(sliced_context_size, d),
-dtype)` columns, one per hook, and token ids a `Sequence(Value("int32"), length=sliced_context_size)`
-column; position-targeted caches add variable-length token ids, positions, a source index and labels.
-Files are written with pyarrow directly from the arrays' memory (no per-element Python work, no extra full copy)
-and read back zero-copy from memory maps. The round trip through `datasets.load_from_disk` is tested in tests/test_arrow_format.py.
+A cache directory holds `data-XXXXX-of-NNNNN.arrow` files (Arrow IPC streams whose schema carries datasets'
+`huggingface` metadata), `state.json`, `dataset_info.json` (and our metadata file, which datasets ignores:
+sae_cache.metadata). Activations are datasets' `Array2D(shape=(sliced_context_size, d), dtype)` columns, one per
+hook, and token ids a `Sequence(Value("int32"), length=sliced_context_size)` column; position-targeted caches add
+variable-length token ids, positions, a source index and labels. Files are written with pyarrow directly from the
+arrays' memory (no per-element Python work, no extra full copy) and read back zero-copy from memory maps. The round
+trip through `datasets.load_from_disk` is tested in tests/test_arrow_format.py.
 """
 
 from __future__ import annotations
@@ -140,6 +140,22 @@ def _column_view(array: pa.Array) -> np.ndarray:
     return values.reshape(rows, length, -1)
 
 
+def mapped_batches(path: Path) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Each record batch's numpy views, with the address at which the file's memory map starts."""
+    source = pa.memory_map(str(path), "r")
+    base = source.read_buffer(1).address if source.size() else 0
+    source.seek(0)
+    for columns in stream_columns(source):
+        yield columns, base
+
+
+def file_offset(values: np.ndarray, base: int, size: int) -> int | None:
+    """Where `values`, a view on a file's memory map starting at `base`, lies in the file; None when it
+    is not one contiguous span of it (a copy: bit-packed bools)."""
+    offset = values.ctypes.data - base
+    return offset if values.flags.c_contiguous and 0 <= offset <= size - values.nbytes else None
+
+
 def write_dataset_files(directory: Path, features: Features, file_names: list[str], fingerprint: str) -> None:
     """Write datasets' `state.json` and `dataset_info.json` for the listed data files (metadata last)."""
     state = {
@@ -168,7 +184,7 @@ def fingerprint_of(payload: dict) -> str:
 
 
 def targeted_features(hook_dims: dict[str, int], n_positions: int, dtype: str, labels: Features) -> Features:
-    """Features of a targeted cache: token_ids (variable length), positions, one Array2D per hook, source_index, labels."""
+    """Features of a targeted cache: token_ids (any length), positions, one Array2D per hook, source_index, labels."""
     columns: dict = {TOKEN_IDS: Sequence(Value("int32")), POSITIONS: Sequence(Value("int32"), length=n_positions)}
     columns.update({hook: Array2D(shape=(n_positions, d), dtype=dtype) for hook, d in hook_dims.items()})
     columns[SOURCE_INDEX] = Value("int64")

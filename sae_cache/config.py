@@ -43,13 +43,15 @@ class CacheActivationsRunnerConfig:
     `sae-cache/demo-text` (the bundled demo text). Columns: `tokens`/`input_ids` (pretokenized) or `text`/`problem`."""
 
     model_name: str = "sae-cache/demo"
-    """TransformerLens model name (loaded with `from_pretrained_no_processing`), or `sae-cache/demo` (the bundled demo model)."""
+    """TransformerLens model name (loaded with `from_pretrained_no_processing`), or `sae-cache/demo` (the bundled demo
+    model)."""
 
     model_batch_size: int = 32
     """Sequences per forward pass."""
 
     hook_name: str | list[str] = "blocks.2.hook_resid_post"
-    """TransformerLens hook name to cache; a list (or a comma-separated string) caches several hooks in one forward pass, one column each."""
+    """TransformerLens hook name to cache; a list (or a comma-separated string) caches several hooks in one forward
+    pass, one column each."""
 
     d_in: int = UNSET
     """Width of the cached activations; -1 reads it from the model. When set it must match every hook."""
@@ -79,8 +81,8 @@ class CacheActivationsRunnerConfig:
     """Device of the model: cuda when available, else cpu."""
 
     buffer_size_gb: float = 2.0
-    """Size of one buffer of activations in GB (1e9 bytes): one Arrow shard, the unit of resuming. It is filled and written
-    in pieces of at most a quarter buffer or 64 MiB, so host memory stays at three pieces whatever its size."""
+    """Size of one buffer of activations in GB (1e9 bytes): one Arrow shard, the unit of resuming. It is filled and
+    written in pieces of at most a quarter buffer or 64 MiB, so host memory stays at three pieces whatever its size."""
 
     hf_repo_id: str | None = None
     """Hugging Face dataset repository to push the finished cache to (none: keep it local)."""
@@ -110,7 +112,8 @@ class CacheActivationsRunnerConfig:
     """Put the BOS token at position 0 of every packed row of raw text (use what the model was trained with)."""
 
     seqpos_slice: tuple[int | None, ...] = (None,)
-    """Positions of each row to keep, as Python slice arguments (start, stop[, step]); the stored row length is the sliced length."""
+    """Positions of each row to keep, as Python slice arguments (start, stop[, step]); the stored row length is the
+    sliced length."""
 
     streaming: bool = True
     """Stream the dataset instead of downloading it whole."""
@@ -119,8 +122,9 @@ class CacheActivationsRunnerConfig:
     """Run the forward pass under bfloat16 autocast."""
 
     forward_threads: int | None = None
-    """Forward passes run at once when the model is on the CPU, each on its own thread with torch's threads shared among them
-    (a small model uses the cores better so). None: 2 on a CPU with 2+ torch threads, else 1. A GPU model runs one at a time."""
+    """Forward passes run at once when the model is on the CPU, each on its own thread with torch's threads shared among
+    them (a small model uses the cores better so). None: 2 on a CPU with 2+ torch threads, else 1. A GPU model runs
+    one at a time."""
 
     dataset_trust_remote_code: bool | None = None
     """Allow a Hub dataset to run its own loading code."""
@@ -132,33 +136,40 @@ class CacheActivationsRunnerConfig:
     """Layer of the (deepest) hook. Optional: inferred from the hook name; when given it must agree with it."""
 
     disable_concat_sequences: bool = False
-    """Do not pack several sequences into a row: each sequence becomes its own row, truncated; shorter ones are skipped."""
+    """Do not pack several sequences into a row: each sequence becomes its own row, truncated; shorter ones are
+    skipped."""
 
     sequence_separator_token: int | str | None = "bos"
     """Token inserted between concatenated sequences: bos, eos, sep, a token id, or none."""
 
     exclude_special_tokens: bool | list[int] = False
-    """Drop these tokens' activations before rows are packed (True: the tokenizer's BOS/EOS/PAD/SEP). Needs shuffle_across_sequences."""
+    """Drop these tokens' activations before rows are packed (True: the tokenizer's BOS/EOS/PAD/SEP). Needs
+    shuffle_across_sequences."""
 
     shuffle_across_sequences: bool = False
-    """Shuffle individual positions across sequences, so a stored row mixes many sequences (each activation keeps its token id). Needs shuffle."""
+    """Shuffle individual positions across sequences, so a stored row mixes many sequences (each activation keeps its
+    token id). Needs shuffle."""
 
     label_columns: list[str] = field(default_factory=list)
     """Numeric input columns (ints, floats, bools) copied into every cache row, for rows that map to one input row:
     a pretokenized dataset, or raw text with disable_concat_sequences. Not with shuffle_across_sequences."""
 
     overwrite: bool = False
-    """Replace an existing cache at the output path (atomically: the old one stays until the new one is complete). Without resume, an interrupted run's shards are discarded."""
+    """Replace an existing cache at the output path (atomically: the old one stays until the new one is complete).
+    Without resume, an interrupted run's shards are discarded."""
 
     resume: bool = False
-    """Continue an interrupted run from its last complete shard (the configuration must produce the same output); an interrupted overwrite run goes on replacing the old cache."""
+    """Continue an interrupted run from its last complete shard (the configuration must produce the same output); an
+    interrupted overwrite run goes on replacing the old cache."""
 
     fp16_overflow: str = "error"
-    """What to do when float16 storage turns values into inf: error (stop with a message) or warn (store inf, count it in the metadata)."""
+    """What to do when float16 storage turns values into inf: error (stop with a message) or warn (store inf, count it
+    in the metadata)."""
 
     direct_io: bool = True
-    """Write the final data files around the page cache (O_DIRECT) where the OS and filesystem allow it, else through it:
-    less CPU per byte, and a large cache does not evict what the machine had cached. The bytes are the same either way."""
+    """Write the final data files around the page cache (O_DIRECT) where the OS and filesystem allow it, else through
+    it: less CPU per byte, and a large cache does not evict what the machine had cached. The bytes are the same
+    either way."""
 
     def __post_init__(self) -> None:
         self.hook_name = _normalise_hook_names(self.hook_name)
@@ -267,7 +278,8 @@ def _check_seqpos_slice(cfg: CacheActivationsRunnerConfig) -> None:
             )
         if cfg.training_tokens < kept:
             raise ValueError(
-                f"training_tokens={cfg.training_tokens} is less than one sliced row ({kept} tokens): increase training_tokens."
+                f"training_tokens={cfg.training_tokens} is less than one sliced row ({kept} tokens): "
+                "increase training_tokens."
             )
 
 

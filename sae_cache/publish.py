@@ -78,33 +78,13 @@ class RunPaths:
 
     out: Path
 
-    @property
-    def work(self) -> Path:
-        return self.out.with_name(self.out.name + WORK_SUFFIX)
-
-    @property
-    def backup(self) -> Path:
-        return self.out.with_name(self.out.name + BACKUP_SUFFIX)
-
-    @property
-    def run_file(self) -> Path:
-        return self.work / "run.json"
-
-    @property
-    def shards(self) -> Path:
-        return self.work / "shards"
-
-    @property
-    def buckets(self) -> Path:
-        return self.work / "buckets"
-
-    @property
-    def staging(self) -> Path:
-        return self.work / "staging"
-
-    @property
-    def hub(self) -> Path:
-        return self.work / "hub"
+    work = property(lambda self: self.out.with_name(self.out.name + WORK_SUFFIX))
+    backup = property(lambda self: self.out.with_name(self.out.name + BACKUP_SUFFIX))
+    run_file = property(lambda self: self.work / "run.json")
+    shards = property(lambda self: self.work / "shards")
+    buckets = property(lambda self: self.work / "buckets")
+    staging = property(lambda self: self.work / "staging")
+    hub = property(lambda self: self.work / "hub")
 
     def shard_files(self, rank: int | None = None) -> ShardFiles:
         """The shards of one process (rank None), or of rank `rank` of several."""

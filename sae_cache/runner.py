@@ -166,7 +166,8 @@ class CacheActivationsRunner:
         model.check_hooks(cfg.hook_names)
         if model.n_ctx is not None and context_size > model.n_ctx:
             raise ValueError(
-                f"context_size={context_size} exceeds the model's n_ctx={model.n_ctx}: set context_size <= {model.n_ctx}."
+                f"context_size={context_size} exceeds the model's n_ctx={model.n_ctx}: "
+                f"set context_size <= {model.n_ctx}."
             )
         hook_dims = model.hook_dims(cfg.hook_names)
         self._check_d_in(hook_dims)

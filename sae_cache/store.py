@@ -67,7 +67,7 @@ def allocate_piece(
     pin: bool,
     labels: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Host tensors for one piece: (rows, positions, d) per hook, (rows, positions) int32 token ids, (rows,) per label."""
+    """Host tensors for one piece: (rows, positions, d) per hook, (rows, positions) int32 token ids, (rows,) a label."""
     shape = (rows, sliced_context_size)
     tensors = {hook: torch.empty((*shape, d), dtype=dtype, pin_memory=pin) for hook, d in hook_dims.items()}
     tensors[TOKEN_IDS] = torch.empty(shape, dtype=torch.int32, pin_memory=pin)

@@ -55,7 +55,7 @@ class TargetedCacheConfig:
     """Directory of the cache, published atomically; `datasets.load_from_disk` opens it."""
 
     hook_names: list[str] | str
-    """TransformerLens hook name(s) recorded in one forward pass (a list or a comma-separated string); one column each."""
+    """Hook name(s) recorded in one forward pass (a list or a comma-separated string); one column each."""
 
     prompt_column: str = "prompt"
     """Input column holding the prompt text."""
@@ -73,7 +73,8 @@ class TargetedCacheConfig:
     """Where a target occurring more than once is taken: "first" or "last" (rows with several are counted)."""
 
     short_span: str = "pad"
-    """A span of fewer than n_positions tokens: "pad" (left-pad positions with -1 and activations with zeros) or "skip" the row."""
+    """A span of fewer than n_positions tokens: "pad" (left-pad positions with -1 and activations with zeros) or "skip"
+    the row."""
 
     prepend_bos: bool | None = None
     """Put the BOS token before each prompt; None follows the model's default_prepend_bos."""
@@ -168,7 +169,7 @@ def run_batches(
     pad_token_id: int,
     sink,
 ):
-    """Feed batches in `order` through the model, calling sink(indices, acts); returns (batch size found, pad tokens)."""
+    """Feed batches in `order` through the model, calling sink(indices, acts); returns (batch size found, pads)."""
     size, start, pads = cfg.batch_size, 0, 0
     while start < len(order):
         batch = order[start : start + size]
@@ -192,7 +193,7 @@ def run_batches(
 
 
 def cache_targeted(cfg: TargetedCacheConfig, dataset: datasets.Dataset, model) -> datasets.Dataset:
-    """Cache the activations at each prompt's target tokens and return the published cache (see the module docstring)."""
+    """Cache the activations at each prompt's target tokens; returns the published cache (see the module docstring)."""
     model = adapt(model)
     bos = _check_inputs(cfg, dataset, model)
     paths = RunPaths(Path(cfg.output_path))

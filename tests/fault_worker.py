@@ -45,7 +45,16 @@ import torch  # noqa: E402
 from conftest import build_model, build_tokenizer, make_texts  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig, publish, shuffle, store, writer  # noqa: E402
+from sae_cache import (  # noqa: E402
+    CacheActivationsRunner,
+    CacheActivationsRunnerConfig,
+    publish,
+    shuffle,
+    shuffle_buckets,
+    shuffle_io,
+    store,
+    writer,
+)
 from sae_cache.metadata import METADATA_FILE  # noqa: E402
 from sae_cache.publish import BACKUP_SUFFIX, WORK_SUFFIX  # noqa: E402
 
@@ -158,7 +167,7 @@ def _manifest_torn(n):
 def _scatter(n):
     """The n-th append to a shuffle bucket file half written."""
     calls = [0]
-    real = shuffle._append
+    real = shuffle_buckets._append
 
     def _append(path, values):
         calls[0] += 1
@@ -169,14 +178,14 @@ def _scatter(n):
             die(f"scatter: append {n} to {Path(path).name} half written", scratch=len(listing(Path(path).parent)))
         return real(path, values)
 
-    shuffle._append = _append
+    shuffle_buckets._append = _append
 
 
 def _gather(n):
     """After the n-th batch written to the shuffled data files (the current file unfinished)."""
     calls = [0]
 
-    class KillingWriter(shuffle.ArrowFileWriter):
+    class KillingWriter(shuffle_io.ArrowFileWriter):
         def write(self, columns):
             super().write(columns)
             calls[0] += 1
@@ -186,7 +195,7 @@ def _gather(n):
                     staging=listing(self.path.parent),
                 )
 
-    shuffle.ArrowFileWriter = KillingWriter
+    shuffle_io.ArrowFileWriter = KillingWriter
 
 
 def _stage_link(n):

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from sae_cache import CacheActivationsRunner
+from sae_cache import CacheActivationsRunner, shuffle_buckets, shuffle_io
 from sae_cache import shuffle as shuffle_module
-from sae_cache.arrow_format import ArrowFileWriter, cache_features, read_arrow_columns
-from sae_cache.shuffle import _bytes_per_row, item_keys, shuffle_shards
+from sae_cache.arrow_format import ArrowFileWriter, cache_features, mapped_batches, read_arrow_columns
+from sae_cache.shuffle import shuffle_shards
+from sae_cache.shuffle_io import bytes_per_row as _bytes_per_row
+from sae_cache.shuffle_io import item_keys
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -136,17 +138,17 @@ def test_shuffle_order_is_uniform():
 
 def test_gather_holds_about_one_bucket(model, text_dataset, make_cfg, monkeypatch):
     """The shuffle never loads more than one bucket of items at once (memory bounded by the buffer)."""
-    from sae_cache import shuffle as shuffle_module
+    from sae_cache import shuffle_buckets
 
     largest = []
-    real_map = shuffle_module._map_bucket_file
+    real_map = shuffle_buckets._map_bucket_file
 
     def recording(*args):
         view = real_map(*args)
         largest.append(view.nbytes)
         return view
 
-    monkeypatch.setattr(shuffle_module, "_map_bucket_file", recording)
+    monkeypatch.setattr(shuffle_buckets, "_map_bucket_file", recording)
     cfg = make_cfg(shuffle=True, training_tokens=16 * 200, buffer_size_gb=make_cfg().buffer_size_gb * 2)
     CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model).run()
     buffer_bytes = cfg.buffer_size_gb * 1e9
@@ -182,7 +184,6 @@ def synthetic_shards(
 
 def force_rows_path(monkeypatch, one_pass: bool) -> None:
     """Rows mode through the one pass that reads rows in place (for any row size) or the bucketed two passes."""
-    from sae_cache import shuffle as shuffle_module
 
     monkeypatch.setattr(shuffle_module, "ONE_PASS_MIN_ROW_BYTES", 0 if one_pass else 1 << 40)
 
@@ -236,7 +237,9 @@ def test_the_scatter_frees_the_page_cache_of_exactly_the_bytes_it_read(tmp_path,
         return real_fadvise(fd, offset, length, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", spy)
-    monkeypatch.setattr(shuffle_module, "SCATTER_CHUNK_BYTES", _bytes_per_row(features) * 2)  # several chunks per batch
+    monkeypatch.setattr(
+        shuffle_buckets, "SCATTER_CHUNK_BYTES", _bytes_per_row(features) * 2
+    )  # several chunks per batch
     (tmp_path / "out").mkdir()
     shuffle_shards(
         files,
@@ -251,7 +254,7 @@ def test_the_scatter_frees_the_page_cache_of_exactly_the_bytes_it_read(tmp_path,
     )
     for f in files:
         expected = []
-        for columns, base in shuffle_module._batch_columns_with_base(f):
+        for columns, base in mapped_batches(f):
             expected += [(v.ctypes.data - base, v.nbytes) for v in columns.values()]
             del columns
         got = dropped[str(f.resolve())]
@@ -279,8 +282,6 @@ def _covers(got: list[tuple[int, int]], expected: list[tuple[int, int]]) -> bool
 def test_an_error_while_writing_propagates_and_stops_the_writer_thread(tmp_path, monkeypatch):
     import threading
 
-    from sae_cache import shuffle as shuffle_module
-
     features, files, n_rows = synthetic_shards(tmp_path, [8, 8])
     calls = []
 
@@ -289,7 +290,7 @@ def test_an_error_while_writing_propagates_and_stops_the_writer_thread(tmp_path,
         if len(calls) == 2:
             raise OSError("disk full")
 
-    monkeypatch.setattr(shuffle_module._RowSink, "write", failing_write)
+    monkeypatch.setattr(shuffle_io.RowSink, "write", failing_write)
     before = threading.active_count()
     with pytest.raises(OSError, match="disk full"):
         shuffle_shards(
@@ -348,12 +349,11 @@ def test_one_pass_writes_the_same_rows_as_two_passes(tmp_path, monkeypatch, labe
 
 def test_one_pass_holds_two_chunks_of_rows(tmp_path, monkeypatch):
     """Memory of the one pass: two reused buffers of bucket_bytes each (plus the order), whatever the cache size."""
-    from sae_cache import shuffle as shuffle_module
 
     force_rows_path(monkeypatch, one_pass=True)
     sizes = []
-    real = shuffle_module._item_buffers
-    monkeypatch.setattr(shuffle_module, "_item_buffers", lambda layouts, n: sizes.append(n) or real(layouts, n))
+    real = shuffle_module.item_buffers
+    monkeypatch.setattr(shuffle_module, "item_buffers", lambda layouts, n: sizes.append(n) or real(layouts, n))
     features, files, n_rows = synthetic_shards(tmp_path, [40, 40, 40])
     shuffle_shards(
         files,
@@ -372,12 +372,12 @@ def test_one_pass_holds_two_chunks_of_rows(tmp_path, monkeypatch):
 def test_bool_labels_take_the_two_passes(tmp_path, monkeypatch):
     """Arrow packs bools as bits, so a row's bool label cannot be read in place: rows mode falls back to
     the two passes, with the same order."""
-    from sae_cache import shuffle as shuffle_module
+    from sae_cache import shuffle_buckets
 
     force_rows_path(monkeypatch, one_pass=True)
     gathered = []
-    real = shuffle_module._gather
-    monkeypatch.setattr(shuffle_module, "_gather", lambda *a, **k: gathered.append(1) or real(*a, **k))
+    real = shuffle_buckets._gather
+    monkeypatch.setattr(shuffle_buckets, "_gather", lambda *a, **k: gathered.append(1) or real(*a, **k))
     features, files, n_rows = synthetic_shards(tmp_path, [6, 6], labels={"flag": "bool"})
     out = tmp_path / "out"
     out.mkdir()
