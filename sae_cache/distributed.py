@@ -2,7 +2,7 @@
 
 Owns who does what when a process group is initialised: batch b of the token stream belongs to rank
 b % world_size, so ranks take disjoint, deterministic parts of the input and each writes its own
-shards; rank 0 alone repairs, resets the work directory, consolidates, shuffles and publishes.
+shards; rank 0 alone repairs, resets the work directory, links or shuffles the shards and publishes.
 Failures are shared (`all_ok`) so that no rank waits forever at a barrier for one that raised.
 Without a process group every function here is the single-process identity.
 """
