@@ -17,7 +17,7 @@ fault point: no `finally`, no `atexit`, no flush, exactly like `kill -9`. Then, 
   and the config fields that do not change the output; no `.sae_cache-tmp` or `.sae_cache-backup` is left.
 
 The in-process versions of these failures (exceptions, not kills) are in test_preflight.py and
-test_consolidate.py.
+test_publish.py.
 """
 
 from __future__ import annotations
