@@ -27,7 +27,7 @@ from sae_cache.arrow_format import (
     mixed_record_batch,
     targeted_features,
 )
-from sae_cache.columns import POSITIONS, SOURCE_INDEX, TOKEN_IDS
+from sae_cache.columns import POSITIONS, RESERVED, SOURCE_INDEX, TOKEN_IDS
 from sae_cache.config import STORAGE_DTYPES
 from sae_cache.metadata import build_metadata
 from sae_cache.model import ModelAdapter, adapt
@@ -118,7 +118,7 @@ class TargetedCacheConfig:
         self.label_columns = list(self.label_columns)
         if self.prompt_column == self.target_column:
             raise ValueError(f"prompt_column and target_column are both {self.prompt_column!r}: name two columns.")
-        outputs = [TOKEN_IDS, POSITIONS, SOURCE_INDEX, *self.hook_names, *self.label_columns]
+        outputs = [*RESERVED, *self.hook_names, *self.label_columns]
         clashes = sorted({c for c in outputs if outputs.count(c) > 1})
         if clashes:
             raise ValueError(
