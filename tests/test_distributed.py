@@ -22,23 +22,23 @@ import json, os, signal, sys
 sys.path.insert(0, {tests!r})
 import torch, torch.distributed as dist
 from datasets import Dataset
-from conftest import build_model, build_tokenizer, make_texts
-from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig, store
+from conftest import build_model, build_tokenizer, data_passes, make_texts
+from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig
 
 torch.set_num_threads(1)
 rank, world, init, options = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
 kill_rank, kill_at = options.pop("kill_rank", None), options.pop("kill_at_forward", None)
-if rank == kill_rank:
-    real, calls = store.ActivationsStore._compute, [0]
-    def compute(*a, **k):
-        calls[0] += 1
-        if calls[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*a, **k)
-    store.ActivationsStore._compute = compute
-cfg = CacheActivationsRunnerConfig(**options)
-ds = CacheActivationsRunner(cfg, override_dataset=Dataset.from_dict({{"text": make_texts(400)}}), model=build_model(build_tokenizer())).run()
+model, data = build_model(build_tokenizer()), Dataset.from_dict({{"text": make_texts(400)}})
+
+
+def kill_at_pass(n):
+    if rank == kill_rank and n == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+with data_passes(model, kill_at_pass):
+    ds = CacheActivationsRunner(CacheActivationsRunnerConfig(**options), override_dataset=data, model=model).run()
 print(json.dumps({{"rank": rank, "rows": len(ds)}}))
 dist.destroy_process_group()
 """

@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS
+from conftest import SHAPE_PROBE, WORDS
 from datasets import ClassLabel, Dataset, Features, Sequence, Value
 
 from sae_cache import targeted
@@ -318,24 +318,33 @@ def test_forward_stops_at_the_last_cached_token_and_targets_past_n_ctx_are_skipp
 # --- automatic batch size -------------------------------------------------------------------------
 
 
-def fake_oom_above(monkeypatch, model, limit: int | None) -> list[int]:
-    """Make the model's forward raise CUDA OOM for batches larger than `limit` (None: always); returns the sizes tried."""
-    tried: list[int] = []
-    forward = model.forward
+@pytest.fixture
+def fake_oom(model):
+    """fake_oom(limit): the model's forward passes raise CUDA OOM for batches larger than `limit` (None: every
+    pass but the shape probe), through a torch forward pre-hook removed after the test; returns the batch sizes
+    of every pass tried, the shape probe's included."""
+    handles = []
 
-    def oom_forward(tokens, *args, **kwargs):
-        tried.append(tokens.shape[0])
-        if limit is None or tokens.shape[0] > limit:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
-        return forward(tokens, *args, **kwargs)
+    def install(limit: int | None) -> list[int]:
+        tried: list[int] = []
 
-    monkeypatch.setattr(model, "forward", oom_forward)
-    return tried
+        def pre_hook(module, args):
+            tokens = args[0]
+            tried.append(tokens.shape[0])
+            if tuple(tokens.shape) != SHAPE_PROBE and (limit is None or tokens.shape[0] > limit):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+
+        handles.append(model.register_forward_pre_hook(pre_hook))
+        return tried
+
+    yield install
+    for handle in handles:
+        handle.remove()
 
 
-def test_out_of_memory_halves_the_batch_and_reports_the_size(model, prompts_dataset, tmp_path, monkeypatch, caplog):
+def test_out_of_memory_halves_the_batch_and_reports_the_size(model, prompts_dataset, tmp_path, fake_oom, caplog):
     expected = cache_targeted(make_config(tmp_path, "ref", batch_size=2), prompts_dataset, model).with_format("numpy")
-    tried = fake_oom_above(monkeypatch, model, limit=2)
+    tried = fake_oom(2)
     with caplog.at_level(logging.WARNING, logger="sae_cache"):
         out = cache_targeted(make_config(tmp_path, "oom", batch_size=8), prompts_dataset, model).with_format("numpy")
     assert tried[:4] == [1, 8, 4, 2]  # the shape probe, then 8 and 4 fail, 2 fits
@@ -348,13 +357,11 @@ def test_out_of_memory_halves_the_batch_and_reports_the_size(model, prompts_data
 
 
 @pytest.mark.parametrize(("limit", "auto"), [(None, True), (2, False)])
-def test_out_of_memory_is_raised_at_size_one_or_without_auto(
-    model, prompts_dataset, tmp_path, monkeypatch, limit, auto
-):
-    monkeypatch.setattr(targeted.ModelAdapter, "hook_dims", lambda self, hooks: {HOOKS[0]: 32, HOOKS[1]: 32})
-    fake_oom_above(monkeypatch, model, limit)
+def test_out_of_memory_is_raised_at_size_one_or_without_auto(model, prompts_dataset, tmp_path, fake_oom, limit, auto):
+    tried = fake_oom(limit)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         cache_targeted(make_config(tmp_path, batch_size=4, auto_batch_size=auto), prompts_dataset, model)
+    assert tried == ([1, 4, 2, 1] if auto else [1, 4])  # the shape probe, then down to one prompt (auto) or not
     assert list(tmp_path.iterdir()) == []  # neither a cache nor a work directory is left
 
 
@@ -390,8 +397,8 @@ def test_config_rejects_bad_values(tmp_path, overrides, message):
         ({"label_columns": [], "prompt_column": "name", "target_column": "tags"}, "not strings"),
     ],
 )
-def test_bad_input_fails_before_any_forward_pass(model, prompts_dataset, tmp_path, monkeypatch, overrides, message):
-    tried = fake_oom_above(monkeypatch, model, None)
+def test_bad_input_fails_before_any_forward_pass(model, prompts_dataset, tmp_path, fake_oom, overrides, message):
+    tried = fake_oom(None)
     with pytest.raises(ValueError, match=message):
         cache_targeted(make_config(tmp_path, **overrides), prompts_dataset, model)
     assert tried == [] and list(tmp_path.iterdir()) == []
@@ -402,8 +409,8 @@ def test_a_dataset_dict_is_refused(model, prompts_dataset, tmp_path):
         cache_targeted(make_config(tmp_path), datasets.DatasetDict(train=prompts_dataset), model)
 
 
-def test_no_kept_prompt_or_a_foreign_directory_fails_before_any_forward_pass(model, tmp_path, monkeypatch):
-    tried = fake_oom_above(monkeypatch, model, None)
+def test_no_kept_prompt_or_a_foreign_directory_fails_before_any_forward_pass(model, tmp_path, fake_oom):
+    tried = fake_oom(None)
     data = Dataset.from_dict({"prompt": ["the river"], "target": ["lake"]})
     with pytest.raises(ValueError, match="no prompt kept"):
         cache_targeted(make_config(tmp_path, label_columns=[]), data, model)
