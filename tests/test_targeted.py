@@ -1,5 +1,6 @@
 """Position-targeted caching: span finding against a decode oracle, rows that never drift, batched equals
-unbatched, length-sorted batching, the automatic batch size (fake CUDA OOM on CPU), and the Arrow columns."""
+unbatched, length-sorted batching, the automatic batch size (fake CUDA OOM on CPU). The targeted Arrow columns'
+round trip is in test_arrow_format.py."""
 
 from __future__ import annotations
 
@@ -15,13 +16,6 @@ from conftest import SHAPE_PROBE, WORDS
 from datasets import ClassLabel, Dataset, Features, Sequence, Value
 
 from sae_cache import targeted
-from sae_cache.arrow_format import (
-    ArrowFileWriter,
-    data_file_name,
-    mixed_record_batch,
-    targeted_features,
-    write_dataset_files,
-)
 from sae_cache.metadata import METADATA_FILE
 from sae_cache.target_spans import find_target, locate_prompts, span_positions, token_offsets, token_span
 from sae_cache.targeted import TargetedCacheConfig, cache_targeted, length_order, padding_tokens
@@ -426,41 +420,3 @@ def test_rows_split_across_several_files_keep_their_order(model, prompts_dataset
     out = cache_targeted(make_config(tmp_path), prompts_dataset, model)
     assert len(list((tmp_path / "cache").glob("*.arrow"))) == 7
     assert out["source_index"] == [i for i in range(14) if i != MISSING]
-
-
-# --- the Arrow columns ----------------------------------------------------------------------------
-
-
-def test_targeted_columns_round_trip_through_load_from_disk(tmp_path):
-    labels = Features(
-        {"name": Value("string"), "known": ClassLabel(names=["no", "yes"]), "tags": Sequence(Value("string"))}
-    )
-    features = targeted_features({"blocks.0.hook_resid_post": 3}, 2, "float16", labels)
-    rng = np.random.default_rng(0)
-    token_ids = [np.array([0, 5, 6], np.int32), np.array([], np.int32), np.arange(40, dtype=np.int32)]
-    acts = rng.standard_normal((3, 2, 3)).astype(np.float16)
-    source = Dataset.from_dict(
-        {"name": ["a", "b", None], "known": [1, 0, 1], "tags": [["x"], [], ["y", "z"]]}, features=labels
-    )
-    columns = {
-        "token_ids": token_ids,
-        "positions": np.array([[-1, 2], [0, 1], [38, 39]]),
-        "blocks.0.hook_resid_post": acts,
-        "source_index": np.array([7, 8, 9]),
-    }
-    table = source.with_format("arrow")[:]
-    columns.update({c: table.column(c) for c in labels})
-    name = data_file_name(0, 1)
-    writer = ArrowFileWriter(tmp_path / name, features)
-    writer.write_batch(mixed_record_batch(features, columns))
-    writer.close()
-    assert writer.rows == 3
-    write_dataset_files(tmp_path, features, [name], fingerprint="0" * 16)
-    back = datasets.load_from_disk(str(tmp_path))
-    assert back.features == features
-    assert [list(t) for t in back["token_ids"]] == [t.tolist() for t in token_ids]
-    assert back["positions"] == [[-1, 2], [0, 1], [38, 39]] and back["source_index"] == [7, 8, 9]
-    np.testing.assert_array_equal(back.with_format("numpy")["blocks.0.hook_resid_post"], acts)
-    assert back["name"] == ["a", "b", None] and back["known"] == [1, 0, 1] and back["tags"] == [["x"], [], ["y", "z"]]
-    with pytest.raises(TypeError, match="Arrow array"):
-        mixed_record_batch(Features({"tags": Sequence(Value("string"))}), {"tags": [["x"]]})
