@@ -109,7 +109,8 @@ def main() -> None:
             train(random_cache, random_model, args.tokens, tmp / "random_sae"), random_cache
         )
     print(
-        f"\nSAE d_sae = 8 x d_in on {HOOK}, {args.tokens:,} training tokens, evaluated on {EVAL_TOKENS:,} held-out cached tokens\n"
+        f"\nSAE d_sae = 8 x d_in on {HOOK}, {args.tokens:,} training tokens, "
+        f"evaluated on {EVAL_TOKENS:,} held-out cached tokens\n"
     )
     print("| activations of | explained variance | L0 (active latents / token) |")
     print("|---|---|---|")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -52,6 +55,43 @@ def build_model(tokenizer) -> HookedTransformer:
     model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
     model.eval()
     return model
+
+
+SHAPE_PROBE = (1, 5)  # ModelAdapter.hook_dims: one pass over a (1, 5) batch of tokens, before any data
+
+
+@contextlib.contextmanager
+def data_passes(model, before: Callable[[int], None] | None = None) -> Iterator[list[str]]:
+    """Watch the model's forward passes over data through a torch forward pre-hook on the model (the shape
+    probe, told apart by its shape, is not one): yields the list of the threads that ran them, in order, and
+    calls before(n) ahead of the n-th (counted from 1; it may raise to fail that pass). Removed on exit."""
+    threads: list[str] = []
+    lock = threading.Lock()
+
+    def pre_hook(module, args):
+        if tuple(args[0].shape) == SHAPE_PROBE:
+            return
+        with lock:
+            threads.append(threading.current_thread().name)
+            n = len(threads)
+        if before is not None:
+            before(n)
+
+    handle = model.register_forward_pre_hook(pre_hook)
+    try:
+        yield threads
+    finally:
+        handle.remove()
+
+
+def fail_at_pass(n: int, error: BaseException) -> Callable[[int], None]:
+    """A `before` for data_passes: raise `error` ahead of the n-th pass over data."""
+
+    def before(count: int) -> None:
+        if count == n:
+            raise error
+
+    return before
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import torch  # noqa: E402
-from conftest import build_model, build_tokenizer, make_texts  # noqa: E402
+from conftest import SHAPE_PROBE, build_model, build_tokenizer, make_texts  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from sae_cache import (  # noqa: E402
@@ -52,7 +52,6 @@ from sae_cache import (  # noqa: E402
     shuffle,
     shuffle_buckets,
     shuffle_io,
-    store,
     writer,
 )
 from sae_cache.metadata import METADATA_FILE  # noqa: E402
@@ -86,6 +85,7 @@ def digest_of(model, dataset) -> str:
 class _Job:
     marker: Path | None = None
     fault: dict = {}
+    model = None  # the model the job caches from (faults may put torch hooks on it)
 
 
 def die(detail: str, **seen) -> None:
@@ -106,21 +106,25 @@ def listing(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
 
 
-# -- faults: each patches one module attribute of sae_cache in this process only -------------------
+# -- faults: each puts a torch hook on the model or patches one I/O function of sae_cache, in this process only --
 
 
 def _forward(n):
-    """During the n-th forward pass (counted from 1): its activations computed, never stored."""
-    real, calls = store.ActivationsStore._compute, [0]
+    """During the n-th forward pass over data (counted from 1): its activations computed, never stored.
 
-    def compute(*args, **kwargs):
+    A torch forward hook on the model: it runs when the model's forward returns, which it does after the
+    deepest hook of a block (stop_at_layer), as with the hook of every scenario. The shape probe is not counted.
+    """
+    calls = [0]
+
+    def after_pass(module, args, output):
+        if tuple(args[0].shape) == SHAPE_PROBE:
+            return
         calls[0] += 1
-        chunk = real(*args, **kwargs)
         if calls[0] == n:
             die(f"in forward pass {n}")
-        return chunk
 
-    store.ActivationsStore._compute = compute
+    _Job.model.register_forward_hook(after_pass)
 
 
 def _shard_truncated(n):
@@ -293,6 +297,7 @@ def run_job(job: dict, model, dataset) -> None:
         PATCHES[name]()
     fault = job.get("fault")
     _Job.marker = Path(job["marker"]) if job.get("marker") else None
+    _Job.model = model
     if fault:
         _Job.fault = fault
         FAULTS[fault["kind"]](fault.get("n"))

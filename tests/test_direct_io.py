@@ -1,5 +1,6 @@
 """Writes around the page cache (O_DIRECT): the bytes on disk are exactly the bytes given, whatever
-the filesystem accepts; the runner uses them for final data files only."""
+the filesystem accepts; the runner uses them for final data files only. That an Arrow file written with
+direct_io has the same bytes is tested in test_arrow_format.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 
 import sae_cache.arrow_format as arrow_format
 from sae_cache import CacheActivationsRunner
-from sae_cache.arrow_format import ArrowFileWriter, cache_features, read_arrow_columns
+from sae_cache.arrow_format import ArrowFileWriter
 from sae_cache.direct_io import ALIGN, DirectFile
 
 SIZES = [0, 1, 7, ALIGN - 1, ALIGN, ALIGN + 1, 3 * ALIGN + 5, 10 * ALIGN + 3, 4, 2 * ALIGN]
@@ -145,28 +146,6 @@ def test_other_write_errors_reach_the_caller(tmp_path, monkeypatch):
     gc.collect()
     with pytest.raises(OSError):
         os.fstat(fd)
-
-
-@pytest.mark.parametrize("labels", [None, {"label": "int64"}])
-def test_arrow_files_are_the_same_bytes_either_way(tmp_path, labels):
-    features = cache_features({"h": 8}, 5, "float32", labels)
-    rng = np.random.default_rng(0)
-    batches = [
-        {
-            "h": rng.standard_normal((n, 5, 8), dtype=np.float32),
-            "token_ids": rng.integers(0, 99, (n, 5), dtype=np.int32),
-        }
-        | ({"label": np.arange(n, dtype=np.int64)} if labels else {})
-        for n in (3, 1, 17, 250)
-    ]
-    for direct in (False, True):
-        writer = ArrowFileWriter(tmp_path / f"{direct}.arrow", features, direct_io=direct)
-        for batch in batches:
-            writer.write(batch)
-        writer.close()
-    assert (tmp_path / "True.arrow").read_bytes() == (tmp_path / "False.arrow").read_bytes()
-    read = list(read_arrow_columns(tmp_path / "True.arrow"))
-    assert all(np.array_equal(r["h"], b["h"]) for r, b in zip(read, batches, strict=True))
 
 
 def digest(path: str) -> str:

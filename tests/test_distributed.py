@@ -22,23 +22,23 @@ import json, os, signal, sys
 sys.path.insert(0, {tests!r})
 import torch, torch.distributed as dist
 from datasets import Dataset
-from conftest import build_model, build_tokenizer, make_texts
-from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig, store
+from conftest import build_model, build_tokenizer, data_passes, make_texts
+from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig
 
 torch.set_num_threads(1)
 rank, world, init, options = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
 kill_rank, kill_at = options.pop("kill_rank", None), options.pop("kill_at_forward", None)
-if rank == kill_rank:
-    real, calls = store.ActivationsStore._compute, [0]
-    def compute(*a, **k):
-        calls[0] += 1
-        if calls[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*a, **k)
-    store.ActivationsStore._compute = compute
-cfg = CacheActivationsRunnerConfig(**options)
-ds = CacheActivationsRunner(cfg, override_dataset=Dataset.from_dict({{"text": make_texts(400)}}), model=build_model(build_tokenizer())).run()
+model, data = build_model(build_tokenizer()), Dataset.from_dict({{"text": make_texts(400)}})
+
+
+def kill_at_pass(n):
+    if rank == kill_rank and n == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+with data_passes(model, kill_at_pass):
+    ds = CacheActivationsRunner(CacheActivationsRunnerConfig(**options), override_dataset=data, model=model).run()
 print(json.dumps({{"rank": rank, "rows": len(ds)}}))
 dist.destroy_process_group()
 """
@@ -51,7 +51,7 @@ def options(out: Path, **overrides) -> dict:
         model_batch_size=5,
         hook_name=HOOK,
         d_in=32,
-        training_tokens=16 * 43,
+        training_tokens=16 * 83,  # 83 rows: 17 batches, the last one partial
         context_size=16,
         new_cached_activations_path=str(out),
         shuffle=False,
@@ -94,23 +94,31 @@ def row_keys(acts, tokens) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, request):
-    """The one-process reference caches, unshuffled and shuffled."""
+def single(tmp_path_factory):
+    """The one-process reference cache, unshuffled."""
     from conftest import build_model, build_tokenizer, make_texts
+
+    from sae_cache import CacheActivationsRunnerConfig
 
     model = build_model(build_tokenizer())
     base = tmp_path_factory.mktemp("single")
     data = datasets.Dataset.from_dict({"text": make_texts(400)})
-    from sae_cache import CacheActivationsRunnerConfig
-
     plain = CacheActivationsRunner(
         CacheActivationsRunnerConfig(**options(base / "plain")), override_dataset=data, model=model
     ).run()
     return {"plain": base / "plain", "n": len(plain)}
 
 
+@pytest.fixture(scope="module")
+def shuffled(tmp_path_factory) -> Path:
+    """A shuffled cache made by two ranks: the reference of the reproducibility and the resume tests."""
+    base = tmp_path_factory.mktemp("shuffled")
+    run_ranks(2, options(base / "cache", shuffle=True, seed=5), base)
+    return base / "cache"
+
+
 def test_rank_shares_partition_the_rows():
-    for n_rows, batch, world in [(43, 5, 2), (43, 5, 3), (10, 5, 3), (7, 10, 2)]:
+    for n_rows, batch, world in [(43, 5, 2), (43, 5, 3), (83, 5, 2), (10, 5, 3), (7, 10, 2)]:
         shares = [rows_of_rank(n_rows, batch, Ranks(r, world)) for r in range(world)]
         assert sum(shares) == n_rows
         rows = [torch.tensor([i]) for i in range(n_rows)]
@@ -130,29 +138,27 @@ def test_ranks_cache_the_same_rows_as_one_process(single, tmp_path, world):
     assert meta["world_size"] == world and meta["hooks"][HOOK]["stats"]["tokens_seen"] == single["n"] * 16
 
 
-def test_shuffled_multi_rank_cache_is_reproducible(single, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    run_ranks(2, options(a, shuffle=True, seed=5), tmp_path)
-    run_ranks(2, options(b, shuffle=True, seed=5), tmp_path)
-    acts_a, tokens_a = rows_of(a)
-    acts_b, tokens_b = rows_of(b)
+def test_shuffled_multi_rank_cache_is_reproducible(single, shuffled, tmp_path):
+    again = tmp_path / "again"
+    run_ranks(2, options(again, shuffle=True, seed=5), tmp_path)
+    acts_a, tokens_a = rows_of(shuffled)
+    acts_b, tokens_b = rows_of(again)
     assert torch.equal(tokens_a, tokens_b) and torch.equal(acts_a, acts_b)
     assert row_keys(acts_a, tokens_a) == row_keys(*rows_of(single["plain"]))
 
 
-def test_a_killed_rank_resumes(tmp_path):
-    ref, out = tmp_path / "ref", tmp_path / "killed"
-    run_ranks(2, options(ref, training_tokens=16 * 85, shuffle=True), tmp_path)
+def test_a_killed_rank_resumes(shuffled, tmp_path):
+    out = tmp_path / "killed"
     results = run_ranks(
-        2,
-        options(out, training_tokens=16 * 85, shuffle=True, kill_rank=1, kill_at_forward=5),
-        tmp_path,
-        expect_ok=False,
+        2, options(out, shuffle=True, seed=5, kill_rank=1, kill_at_forward=5), tmp_path, expect_ok=False
     )
     assert results[1].returncode == -signal.SIGKILL
     assert results[0].returncode != 0 and not out.exists()  # rank 0 failed instead of waiting forever
     shards = Path(str(out) + ".sae_cache-tmp") / "shards"
     assert (shards / "rank_00001" / "shard_00000.json").exists()  # written before the kill, kept
-    run_ranks(2, options(out, training_tokens=16 * 85, shuffle=True, resume=True), tmp_path)
-    for name in sorted(p.name for p in ref.glob("*.arrow")):
-        assert (out / name).read_bytes() == (ref / name).read_bytes()
+    assert not (shards / "rank_00001" / "shard_00002.json").exists()  # killed in its third buffer
+    run_ranks(2, options(out, shuffle=True, seed=5, resume=True), tmp_path)
+    names = sorted(p.name for p in shuffled.glob("*.arrow"))
+    assert len(names) > 1 and names == sorted(p.name for p in out.glob("*.arrow"))
+    for name in names:
+        assert (out / name).read_bytes() == (shuffled / name).read_bytes()

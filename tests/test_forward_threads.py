@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import threading
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import data_passes, fail_at_pass
 
-from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig, store
+from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig
 from sae_cache.store import resolve_forward_threads
 
 HOOK = "blocks.1.hook_resid_post"
@@ -57,19 +57,13 @@ def test_threads_write_the_same_bytes_as_one(model, text_dataset, make_cfg, tmp_
     assert data_bytes(one) == data_bytes(three)
 
 
-def test_no_forward_pass_is_wasted_and_the_model_is_left_clean(model, token_dataset, make_cfg, monkeypatch):
-    calls = []
-    real = store.ActivationsStore._compute
-    monkeypatch.setattr(
-        store.ActivationsStore,
-        "_compute",
-        lambda *a, **k: (calls.append(threading.current_thread().name), real(*a, **k))[1],
-    )
+def test_no_forward_pass_is_wasted_and_the_model_is_left_clean(model, token_dataset, make_cfg):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         cfg = make_cfg(context_size=-1, training_tokens=24 * 33, forward_threads=2)
-        run(cfg, token_dataset, model)
+        with data_passes(model) as calls:
+            run(cfg, token_dataset, model)
         assert torch.get_num_threads() == 2  # shared out during the run, restored after
     finally:
         torch.set_num_threads(before)
@@ -78,23 +72,11 @@ def test_no_forward_pass_is_wasted_and_the_model_is_left_clean(model, token_data
     assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
 
 
-def test_an_error_on_a_forward_thread_stops_the_run_and_it_resumes_identically(
-    model, text_dataset, make_cfg, tmp_path, monkeypatch
-):
-    calls = {"n": 0}
-    real = store.ActivationsStore._compute
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
+def test_an_error_on_a_forward_thread_stops_the_run_and_it_resumes_identically(model, text_dataset, make_cfg, tmp_path):
     cfg = make_cfg(forward_threads=2, shuffle=True)
-    monkeypatch.setattr(store.ActivationsStore, "_compute", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with data_passes(model, fail_at_pass(6, KeyboardInterrupt())) as calls, pytest.raises(KeyboardInterrupt):
         run(cfg, text_dataset, model)
-    monkeypatch.setattr(store.ActivationsStore, "_compute", real)
+    assert len(calls) >= 6 and all(name.startswith("sae_cache-forward") for name in calls)
     assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
     run(make_cfg(forward_threads=2, shuffle=True, resume=True), text_dataset, model)
     plain = make_cfg(forward_threads=1, shuffle=True, new_cached_activations_path=str(tmp_path / "plain"))
@@ -150,11 +132,3 @@ def test_a_run_never_changes_the_model_defaults(model, text_dataset, make_cfg, m
     run(make_cfg(forward_threads=2), text_dataset, model)
     assert values, "the forward passes save and restore the default: the recording works"
     assert set(values) == {before} and model.cfg.default_prepend_bos == before
-
-
-def test_text_tokens_equal_to_tokens_without_bos(model, text_dataset):
-    from sae_cache.model import adapt
-
-    for text in [row["text"] for row in text_dataset.select(range(20))] + ["", " a  b ", "\n"]:
-        expected = model.to_tokens(text, prepend_bos=False, truncate=False, move_to_device=False).squeeze(0)
-        assert torch.equal(adapt(model).tokenize(text), expected)

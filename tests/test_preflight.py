@@ -7,20 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import data_passes, fail_at_pass
 from datasets import Dataset
 
-from sae_cache import CacheActivationsRunner, store
+from sae_cache import CacheActivationsRunner
 from sae_cache.publish import RunPaths
 
 
 @pytest.fixture
-def no_forward(monkeypatch):
-    """Fail the test if the store runs a forward pass."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a forward pass ran before the error")
-
-    monkeypatch.setattr(store.ActivationsStore, "_compute", forbidden)
+def no_forward(model):
+    """Fail the test if the model runs a forward pass over data (the shape probe is allowed)."""
+    with data_passes(model, fail_at_pass(1, AssertionError("a forward pass ran before the error"))) as passes:
+        yield
+    assert passes == []
 
 
 def assert_fails_cleanly(cfg, dataset, model, match, error=ValueError):
@@ -107,32 +106,16 @@ def test_dataset_too_small_never_presents_a_cache(model, make_cfg):
     assert not Path(cfg.new_cached_activations_path).exists()
 
 
-def interrupt_at_forward(n: int, real):
-    """A stand-in for ActivationsStore._compute that raises KeyboardInterrupt at the n-th forward pass."""
-    calls = {"n": 0}
-
-    def compute(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    return compute
-
-
-def test_interrupted_run_needs_resume_or_overwrite(model, text_dataset, make_cfg, monkeypatch):
+def test_interrupted_run_needs_resume_or_overwrite(model, text_dataset, make_cfg):
     cfg = make_cfg()
-    real = store.ActivationsStore._compute
-    monkeypatch.setattr(store.ActivationsStore, "_compute", interrupt_at_forward(3, real))
-    with pytest.raises(KeyboardInterrupt):
+    with data_passes(model, fail_at_pass(3, KeyboardInterrupt())), pytest.raises(KeyboardInterrupt):
         CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model).run()
-    monkeypatch.setattr(store.ActivationsStore, "_compute", real)
     with pytest.raises(ValueError, match="resume=True"):
         CacheActivationsRunner(make_cfg(), override_dataset=text_dataset, model=model).run()
     assert not Path(cfg.new_cached_activations_path).exists()
 
 
-def test_resume_gives_the_same_cache_and_refuses_changed_config(model, text_dataset, make_cfg, monkeypatch, tmp_path):
+def test_resume_gives_the_same_cache_and_refuses_changed_config(model, text_dataset, make_cfg, tmp_path):
     reference = (
         CacheActivationsRunner(
             make_cfg(shuffle=True, new_cached_activations_path=str(tmp_path / "ref")),
@@ -142,11 +125,8 @@ def test_resume_gives_the_same_cache_and_refuses_changed_config(model, text_data
         .run()
         .with_format("torch")[:]
     )
-    real = store.ActivationsStore._compute
-    monkeypatch.setattr(store.ActivationsStore, "_compute", interrupt_at_forward(6, real))
-    with pytest.raises(KeyboardInterrupt):
+    with data_passes(model, fail_at_pass(6, KeyboardInterrupt())), pytest.raises(KeyboardInterrupt):
         CacheActivationsRunner(make_cfg(shuffle=True), override_dataset=text_dataset, model=model).run()
-    monkeypatch.setattr(store.ActivationsStore, "_compute", real)
     shards = sorted(RunPaths(Path(make_cfg().new_cached_activations_path)).shards.glob("*.json"))
     assert len(shards) == 2  # two complete buffers of two batches each survived
     with pytest.raises(ValueError, match="seed"):

@@ -136,7 +136,8 @@ def test_format_contract(model, text_dataset, make_cfg, tmp_path):
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_metadata_statistics_are_those_of_the_stored_activations(model, text_dataset, make_cfg, shuffle):
-    """mean, std, mean_norm and max_abs of each hook, summed over buffers and pieces, equal numpy's over the whole cache."""
+    """mean, std, mean_norm and max_abs of each hook, summed over buffers and pieces, equal numpy's over the whole
+    cache (the store's own statistics are tested in test_store.py; here, what the metadata records)."""
     hooks = [HOOK, "blocks.0.hook_resid_pre"]
     cfg = make_cfg(hook_name=hooks, shuffle=shuffle, seqpos_slice=(1, None), training_tokens=15 * 37)
     ds = run(cfg, text_dataset, model).with_format("numpy")

@@ -266,7 +266,7 @@ def test_saelens_trains_from_each_hook_of_a_multi_hook_cache(make_cfg, text_data
         served: list[torch.Tensor] = []
         serve = runner.activations_store.get_raw_llm_batch
 
-        def spy(*args, serve=serve, **kwargs):
+        def spy(*args, serve=serve, served=served, **kwargs):
             acts, ids = serve(*args, **kwargs)
             served.append(acts.clone())
             return acts, ids

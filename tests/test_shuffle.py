@@ -137,23 +137,25 @@ def test_shuffle_order_is_uniform():
 
 
 def test_gather_holds_about_one_bucket(model, text_dataset, make_cfg, monkeypatch):
-    """The shuffle never loads more than one bucket of items at once (memory bounded by the buffer)."""
-    from sae_cache import shuffle_buckets
+    """The shuffle never loads more than one bucket of items at once (memory bounded by the buffer): each bucket's
+    files, removed by the gather once its rows are written, are smaller than a buffer, and every item went
+    through them (its key and its values)."""
+    buckets: dict[str, int] = {}
+    real_remove = os.remove
 
-    largest = []
-    real_map = shuffle_buckets._map_bucket_file
+    def remove(path, *args, **kwargs):
+        name = Path(path).name
+        if Path(path).parent.name == "buckets":
+            bucket = name.split(".")[0]
+            buckets[bucket] = buckets.get(bucket, 0) + os.path.getsize(path)
+        return real_remove(path, *args, **kwargs)
 
-    def recording(*args):
-        view = real_map(*args)
-        largest.append(view.nbytes)
-        return view
-
-    monkeypatch.setattr(shuffle_buckets, "_map_bucket_file", recording)
+    monkeypatch.setattr(os, "remove", remove)
     cfg = make_cfg(shuffle=True, training_tokens=16 * 200, buffer_size_gb=make_cfg().buffer_size_gb * 2)
     CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model).run()
     buffer_bytes = cfg.buffer_size_gb * 1e9
-    assert max(largest) < buffer_bytes  # a bucket is about a quarter of a buffer
-    assert sum(largest) > 200 * 16 * 32 * 4  # yet every activation went through the buckets
+    assert len(buckets) > 4 and max(buckets.values()) < buffer_bytes  # a bucket is about a quarter of a buffer
+    assert sum(buckets.values()) == 200 * (8 + 16 * 32 * 4 + 16 * 4)  # every row went through: key, values, ids
 
 
 def synthetic_shards(
@@ -330,7 +332,7 @@ def test_one_pass_writes_the_same_rows_as_two_passes(tmp_path, monkeypatch, labe
             out_dir=out,
             bucket_bytes=3 * _bytes_per_row(features),
         )
-        assert not (tmp_path / "scratch").exists() or not one_pass  # the one pass needs no scratch
+        assert (tmp_path / "buckets").exists() == (not one_pass)  # the one pass needs no bucket files
         written[one_pass] = {
             f.name: {k: np.concatenate([c[k] for c in read_arrow_columns(f)]) for k in features}
             for f in sorted(out.iterdir())
@@ -372,12 +374,7 @@ def test_one_pass_holds_two_chunks_of_rows(tmp_path, monkeypatch):
 def test_bool_labels_take_the_two_passes(tmp_path, monkeypatch):
     """Arrow packs bools as bits, so a row's bool label cannot be read in place: rows mode falls back to
     the two passes, with the same order."""
-    from sae_cache import shuffle_buckets
-
     force_rows_path(monkeypatch, one_pass=True)
-    gathered = []
-    real = shuffle_buckets._gather
-    monkeypatch.setattr(shuffle_buckets, "_gather", lambda *a, **k: gathered.append(1) or real(*a, **k))
     features, files, n_rows = synthetic_shards(tmp_path, [6, 6], labels={"flag": "bool"})
     out = tmp_path / "out"
     out.mkdir()
@@ -392,7 +389,7 @@ def test_bool_labels_take_the_two_passes(tmp_path, monkeypatch):
         out_dir=out,
         bucket_bytes=4 * _bytes_per_row(features),
     )
-    assert gathered == [1]
+    assert list((tmp_path / "buckets").iterdir()) == []  # made by the two passes (never by the one), emptied
     rows = np.concatenate([c["token_ids"][:, 0] // 4 for f in sorted(out.iterdir()) for c in read_arrow_columns(f)])
     flags = np.concatenate([c["flag"] for f in sorted(out.iterdir()) for c in read_arrow_columns(f)])
     assert np.array_equal(rows, np.argsort(item_keys(3, 0, n_rows), kind="stable"))

@@ -1,5 +1,6 @@
 """Position-targeted caching: span finding against a decode oracle, rows that never drift, batched equals
-unbatched, length-sorted batching, the automatic batch size (fake CUDA OOM on CPU), and the Arrow columns."""
+unbatched, length-sorted batching, the automatic batch size (fake CUDA OOM on CPU). The targeted Arrow columns'
+round trip is in test_arrow_format.py."""
 
 from __future__ import annotations
 
@@ -11,17 +12,10 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS
+from conftest import SHAPE_PROBE, WORDS
 from datasets import ClassLabel, Dataset, Features, Sequence, Value
 
 from sae_cache import targeted
-from sae_cache.arrow_format import (
-    ArrowFileWriter,
-    data_file_name,
-    mixed_record_batch,
-    targeted_features,
-    write_dataset_files,
-)
 from sae_cache.metadata import METADATA_FILE
 from sae_cache.target_spans import find_target, locate_prompts, span_positions, token_offsets, token_span
 from sae_cache.targeted import TargetedCacheConfig, cache_targeted, length_order, padding_tokens
@@ -318,24 +312,33 @@ def test_forward_stops_at_the_last_cached_token_and_targets_past_n_ctx_are_skipp
 # --- automatic batch size -------------------------------------------------------------------------
 
 
-def fake_oom_above(monkeypatch, model, limit: int | None) -> list[int]:
-    """Make the model's forward raise CUDA OOM for batches larger than `limit` (None: always); returns the sizes tried."""
-    tried: list[int] = []
-    forward = model.forward
+@pytest.fixture
+def fake_oom(model):
+    """fake_oom(limit): the model's forward passes raise CUDA OOM for batches larger than `limit` (None: every
+    pass but the shape probe), through a torch forward pre-hook removed after the test; returns the batch sizes
+    of every pass tried, the shape probe's included."""
+    handles = []
 
-    def oom_forward(tokens, *args, **kwargs):
-        tried.append(tokens.shape[0])
-        if limit is None or tokens.shape[0] > limit:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
-        return forward(tokens, *args, **kwargs)
+    def install(limit: int | None) -> list[int]:
+        tried: list[int] = []
 
-    monkeypatch.setattr(model, "forward", oom_forward)
-    return tried
+        def pre_hook(module, args):
+            tokens = args[0]
+            tried.append(tokens.shape[0])
+            if tuple(tokens.shape) != SHAPE_PROBE and (limit is None or tokens.shape[0] > limit):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+
+        handles.append(model.register_forward_pre_hook(pre_hook))
+        return tried
+
+    yield install
+    for handle in handles:
+        handle.remove()
 
 
-def test_out_of_memory_halves_the_batch_and_reports_the_size(model, prompts_dataset, tmp_path, monkeypatch, caplog):
+def test_out_of_memory_halves_the_batch_and_reports_the_size(model, prompts_dataset, tmp_path, fake_oom, caplog):
     expected = cache_targeted(make_config(tmp_path, "ref", batch_size=2), prompts_dataset, model).with_format("numpy")
-    tried = fake_oom_above(monkeypatch, model, limit=2)
+    tried = fake_oom(2)
     with caplog.at_level(logging.WARNING, logger="sae_cache"):
         out = cache_targeted(make_config(tmp_path, "oom", batch_size=8), prompts_dataset, model).with_format("numpy")
     assert tried[:4] == [1, 8, 4, 2]  # the shape probe, then 8 and 4 fail, 2 fits
@@ -348,13 +351,11 @@ def test_out_of_memory_halves_the_batch_and_reports_the_size(model, prompts_data
 
 
 @pytest.mark.parametrize(("limit", "auto"), [(None, True), (2, False)])
-def test_out_of_memory_is_raised_at_size_one_or_without_auto(
-    model, prompts_dataset, tmp_path, monkeypatch, limit, auto
-):
-    monkeypatch.setattr(targeted.ModelAdapter, "hook_dims", lambda self, hooks: {HOOKS[0]: 32, HOOKS[1]: 32})
-    fake_oom_above(monkeypatch, model, limit)
+def test_out_of_memory_is_raised_at_size_one_or_without_auto(model, prompts_dataset, tmp_path, fake_oom, limit, auto):
+    tried = fake_oom(limit)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         cache_targeted(make_config(tmp_path, batch_size=4, auto_batch_size=auto), prompts_dataset, model)
+    assert tried == ([1, 4, 2, 1] if auto else [1, 4])  # the shape probe, then down to one prompt (auto) or not
     assert list(tmp_path.iterdir()) == []  # neither a cache nor a work directory is left
 
 
@@ -390,8 +391,8 @@ def test_config_rejects_bad_values(tmp_path, overrides, message):
         ({"label_columns": [], "prompt_column": "name", "target_column": "tags"}, "not strings"),
     ],
 )
-def test_bad_input_fails_before_any_forward_pass(model, prompts_dataset, tmp_path, monkeypatch, overrides, message):
-    tried = fake_oom_above(monkeypatch, model, None)
+def test_bad_input_fails_before_any_forward_pass(model, prompts_dataset, tmp_path, fake_oom, overrides, message):
+    tried = fake_oom(None)
     with pytest.raises(ValueError, match=message):
         cache_targeted(make_config(tmp_path, **overrides), prompts_dataset, model)
     assert tried == [] and list(tmp_path.iterdir()) == []
@@ -402,8 +403,8 @@ def test_a_dataset_dict_is_refused(model, prompts_dataset, tmp_path):
         cache_targeted(make_config(tmp_path), datasets.DatasetDict(train=prompts_dataset), model)
 
 
-def test_no_kept_prompt_or_a_foreign_directory_fails_before_any_forward_pass(model, tmp_path, monkeypatch):
-    tried = fake_oom_above(monkeypatch, model, None)
+def test_no_kept_prompt_or_a_foreign_directory_fails_before_any_forward_pass(model, tmp_path, fake_oom):
+    tried = fake_oom(None)
     data = Dataset.from_dict({"prompt": ["the river"], "target": ["lake"]})
     with pytest.raises(ValueError, match="no prompt kept"):
         cache_targeted(make_config(tmp_path, label_columns=[]), data, model)
@@ -419,41 +420,3 @@ def test_rows_split_across_several_files_keep_their_order(model, prompts_dataset
     out = cache_targeted(make_config(tmp_path), prompts_dataset, model)
     assert len(list((tmp_path / "cache").glob("*.arrow"))) == 7
     assert out["source_index"] == [i for i in range(14) if i != MISSING]
-
-
-# --- the Arrow columns ----------------------------------------------------------------------------
-
-
-def test_targeted_columns_round_trip_through_load_from_disk(tmp_path):
-    labels = Features(
-        {"name": Value("string"), "known": ClassLabel(names=["no", "yes"]), "tags": Sequence(Value("string"))}
-    )
-    features = targeted_features({"blocks.0.hook_resid_post": 3}, 2, "float16", labels)
-    rng = np.random.default_rng(0)
-    token_ids = [np.array([0, 5, 6], np.int32), np.array([], np.int32), np.arange(40, dtype=np.int32)]
-    acts = rng.standard_normal((3, 2, 3)).astype(np.float16)
-    source = Dataset.from_dict(
-        {"name": ["a", "b", None], "known": [1, 0, 1], "tags": [["x"], [], ["y", "z"]]}, features=labels
-    )
-    columns = {
-        "token_ids": token_ids,
-        "positions": np.array([[-1, 2], [0, 1], [38, 39]]),
-        "blocks.0.hook_resid_post": acts,
-        "source_index": np.array([7, 8, 9]),
-    }
-    table = source.with_format("arrow")[:]
-    columns.update({c: table.column(c) for c in labels})
-    name = data_file_name(0, 1)
-    writer = ArrowFileWriter(tmp_path / name, features)
-    writer.write_batch(mixed_record_batch(features, columns))
-    writer.close()
-    assert writer.rows == 3
-    write_dataset_files(tmp_path, features, [name], fingerprint="0" * 16)
-    back = datasets.load_from_disk(str(tmp_path))
-    assert back.features == features
-    assert [list(t) for t in back["token_ids"]] == [t.tolist() for t in token_ids]
-    assert back["positions"] == [[-1, 2], [0, 1], [38, 39]] and back["source_index"] == [7, 8, 9]
-    np.testing.assert_array_equal(back.with_format("numpy")["blocks.0.hook_resid_post"], acts)
-    assert back["name"] == ["a", "b", None] and back["known"] == [1, 0, 1] and back["tags"] == [["x"], [], ["y", "z"]]
-    with pytest.raises(TypeError, match="Arrow array"):
-        mixed_record_batch(Features({"tags": Sequence(Value("string"))}), {"tags": [["x"]]})
