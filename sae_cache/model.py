@@ -180,12 +180,17 @@ class TransformerLensAdapter(ModelAdapter):
 
     @contextlib.contextmanager
     def install(self, names: list[str], record: Record) -> Iterator[None]:
+        added = []  # (hook point, handle): only these are removed, never hooks the user had added
         try:
             for name in names:
-                self.model.hook_dict[name].add_hook(lambda act, hook: record(hook.name, act), dir="fwd")
+                point = self.model.hook_dict[name]
+                point.add_hook(lambda act, hook: record(hook.name, act), dir="fwd")
+                added.append((point, point.fwd_hooks[-1]))
             yield
         finally:
-            self.model.reset_hooks(including_permanent=False)
+            for point, handle in added:
+                handle.hook.remove()
+                point.fwd_hooks.remove(handle)
 
     def stops_by_itself(self, names: list[str]) -> bool:
         return stop_layer(names) is not None

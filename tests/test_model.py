@@ -226,3 +226,20 @@ def test_tokenizing_never_truncates_and_leaves_the_model_defaults(model, adapter
     assert len(ids) > model.cfg.n_ctx
     assert torch.equal(ids, model.to_tokens(long_text, prepend_bos=False, truncate=False).squeeze(0))
     assert model.cfg.default_prepend_bos == before
+
+
+def test_hooks_the_user_added_are_left_in_place(model, adapter, tokens):
+    """A capture removes only the hooks it added: the user's own TransformerLens hooks keep firing after it."""
+    seen = []
+    point = model.hook_dict["blocks.0.hook_resid_post"]
+    point.add_hook(lambda act, hook: seen.append(hook.name), dir="fwd")
+    try:
+        with adapter.capture(["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]) as cap:
+            cap(tokens)
+        assert seen == ["blocks.0.hook_resid_post"]  # it fired beside ours during the capture
+        model(tokens)
+        assert seen == ["blocks.0.hook_resid_post"] * 2  # and is still installed afterwards
+        assert len(point.fwd_hooks) == 1
+    finally:
+        model.reset_hooks(including_permanent=False)
+    assert no_hooks_left(model)
