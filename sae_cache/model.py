@@ -223,7 +223,8 @@ class HookCapture:
     `with adapter.capture(hooks) as cap: acts = cap(tokens_BL)` runs one forward pass that records the
     hooks at the kept `positions` and stops after the deepest one. Hooks run on the thread that runs the
     pass, so what they record goes to that thread's own dict: several threads may run passes at once (the
-    CPU forward threads of the store). Activations stay on the model's device, in the model's dtype.
+    CPU forward threads of the store). Activations stay on the model's device (the input device: a hook on a
+    layer a device_map put on another GPU is moved there), in the model's dtype.
     """
 
     def __init__(
@@ -241,6 +242,7 @@ class HookCapture:
         self.model_kwargs = model_kwargs or {}
         self._raise_when_done = not adapter.stops_by_itself(self.hook_names)
         self._local = threading.local()
+        self._device = adapter.device
         self._installed: contextlib.ExitStack | None = None
 
     def __enter__(self) -> HookCapture:
@@ -256,6 +258,7 @@ class HookCapture:
     def _record(self, name: str, act: Any) -> None:
         if isinstance(act, torch.Tensor) and act.ndim >= 2:  # anything else is refused by hook_dims, before any data
             act = act if self.positions == slice(None) else act[:, self.positions]
+            act = act if act.device == self._device else act.to(self._device)
             act = act.reshape(*act.shape[:2], -1) if self.flatten else act
         captured = self._local.captured
         captured[name] = act

@@ -20,12 +20,14 @@ from sae_cache.demo.tokenizer import SPECIAL_TOKENS, train_bpe_tokenizer
 KINDS = ("gpt2", "llama", "gemma2")
 D_MODEL = 32
 N_CTX = 64
+CONTEXT, BATCH, ROWS = 16, 5, 20  # the caches of the tests: rows of 16 tokens, batches of 5, 20 rows
 # Per kind: a residual-stream block, an MLP and an attention module (the attention's output is a tuple).
 HOOKS = {
     "gpt2": {"resid": "transformer.h.1", "mlp": "transformer.h.1.mlp", "attn": "transformer.h.0.attn"},
     "llama": {"resid": "model.layers.1", "mlp": "model.layers.1.mlp", "attn": "model.layers.0.self_attn"},
     "gemma2": {"resid": "model.layers.1", "mlp": "model.layers.1.mlp", "attn": "model.layers.0.self_attn"},
 }
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}{{ eos_token }}{% endfor %}"
 LAST_BLOCK = {"gpt2": "transformer.h.2", "llama": "model.layers.2", "gemma2": "model.layers.2"}
 
 
@@ -44,7 +46,7 @@ def build_tokenizer(*, bos_first: bool, add_bos_token: bool = False) -> PreTrain
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
         )
     extra = {"add_bos_token": True} if add_bos_token else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS, **extra)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=CHAT_TEMPLATE, **SPECIAL_TOKENS, **extra)
 
 
 def tokenizer_with_add_bos(padding_side: str = "right") -> PreTrainedTokenizerFast:
@@ -82,6 +84,25 @@ def save_model(kind: str, directory: Path) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def cache_options(model_dir: Path, out: Path, hooks, **overrides) -> dict:
+    """CacheActivationsRunnerConfig fields that load the saved model by path (AutoModelForCausalLM) and cache ROWS rows
+    of CONTEXT tokens, a few rows per buffer (several shards); `overrides` replace any field."""
+    fields = dict(
+        dataset_path="unused-override-given",
+        model_name=str(model_dir),
+        model_class_name="AutoModelForCausalLM",
+        hook_name=hooks,
+        training_tokens=CONTEXT * ROWS,
+        context_size=CONTEXT,
+        model_batch_size=BATCH,
+        shuffle=False,
+        device="cpu",
+        new_cached_activations_path=str(out),
+        buffer_size_gb=8 * CONTEXT * D_MODEL * 4 / 1e9,
+    )
+    return {**fields, **overrides}
 
 
 def load(directory: Path, **kwargs):

@@ -4,7 +4,8 @@ Tiny random GPT-2, Llama and Gemma-2 shaped models are saved to a directory and 
 - text becomes the tokens HookedProxyLM.to_tokens gives, for the four kinds of tokenizer SAELens meets;
 - the cache holds SAELens's ActivationsStore rows and its HookedProxyLM activations (run_with_cache), value for value,
   for residual-stream, MLP and attention-output hooks, several hooks in one pass, seqpos_slice, each separator,
-  disable_concat_sequences and prepend_bos off; block outputs equal the model's own hidden_states;
+  disable_concat_sequences, prepend_bos off and the chat template; block outputs equal the model's own
+  hidden_states;
 - the pass runs with use_cache=False and ends right after the deepest hooked module (nothing above it runs);
 - a bad hook name fails before any pass over data, naming the close module paths; modules that cannot be cached
   (containers, outputs that are not tensors shaped (batch, position, ...)) are refused;
@@ -22,7 +23,20 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from hf_fixtures import D_MODEL, HOOKS, KINDS, LAST_BLOCK, build_tokenizer, load, save_model, texts
+from hf_fixtures import (
+    BATCH,
+    CONTEXT,
+    D_MODEL,
+    HOOKS,
+    KINDS,
+    LAST_BLOCK,
+    ROWS,
+    build_tokenizer,
+    cache_options,
+    load,
+    save_model,
+    texts,
+)
 from hf_fixtures import tokenizer_with_add_bos as add_bos_tokenizer
 
 pytest.importorskip("sae_lens")
@@ -34,8 +48,6 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig  # noqa: E402
 from sae_cache.model import PROBE_SHAPE, adapt, load_model  # noqa: E402
-
-CONTEXT, BATCH, ROWS = 16, 5, 20
 
 
 @pytest.fixture(scope="module")
@@ -54,20 +66,7 @@ def offline(monkeypatch):
 
 
 def config(model_dir: Path, out: Path, hooks, **overrides) -> CacheActivationsRunnerConfig:
-    fields = dict(
-        dataset_path="unused-override-given",
-        model_name=str(model_dir),
-        model_class_name="AutoModelForCausalLM",
-        hook_name=hooks,
-        training_tokens=CONTEXT * ROWS,
-        context_size=CONTEXT,
-        model_batch_size=BATCH,
-        shuffle=False,
-        device="cpu",
-        new_cached_activations_path=str(out),
-        buffer_size_gb=8 * CONTEXT * D_MODEL * 4 / 1e9,  # a few rows per buffer: several shards
-    )
-    return CacheActivationsRunnerConfig(**{**fields, **overrides})
+    return CacheActivationsRunnerConfig(**cache_options(model_dir, out, hooks, **overrides))
 
 
 def columns(dataset: datasets.Dataset) -> dict[str, torch.Tensor]:
@@ -129,6 +128,7 @@ CASES = {
     "no_separator": dict(hooks=["resid"], sequence_separator_token=None),
     "no_concat": dict(hooks=["resid"], disable_concat_sequences=True),
     "no_prepend_bos": dict(hooks=["resid"], prepend_bos=False),
+    "chat_template": dict(hooks=["resid"], use_chat_formatting=True),
 }
 
 

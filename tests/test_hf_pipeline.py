@@ -6,8 +6,8 @@
 - `python -m sae_cache hooks MODEL` lists hook names with their widths for both kinds, exit 2 on bad input;
 - SAELens trains from a cache made by the CLI with model_class_name="AutoModelForCausalLM", reading our rows;
 - targeted caching of right-padded, masked prompts equals unbatched passes; the shuffle (rows, and positions across
-  sequences) permutes the unshuffled cache; an interrupted run resumes to the same bytes; torchrun-style ranks
-  cache the same rows as one process.
+  sequences) permutes the unshuffled cache; concurrent forward threads give the cache of one; an interrupted run
+  resumes to the same bytes; torchrun-style ranks cache the same rows as one process.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from hf_fixtures import D_MODEL, HOOKS, build_tokenizer, load, save_model, texts
+from hf_fixtures import CONTEXT, D_MODEL, HOOKS, ROWS, build_tokenizer, cache_options, load, save_model, texts
 
 pytest.importorskip("sae_lens")
 
@@ -35,7 +35,6 @@ from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig, cli 
 from sae_cache.model import PROBE_SHAPE  # noqa: E402
 from sae_cache.targeted import TargetedCacheConfig, cache_targeted  # noqa: E402
 
-CONTEXT, ROWS = 16, 20
 GPT2_RESID = HOOKS["gpt2"]["resid"]
 
 
@@ -55,25 +54,8 @@ def offline(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
-def options(model_dir: Path, out: Path, hooks, **overrides) -> dict:
-    fields = dict(
-        dataset_path="unused-override-given",
-        model_name=str(model_dir),
-        model_class_name="AutoModelForCausalLM",
-        hook_name=hooks,
-        training_tokens=CONTEXT * ROWS,
-        context_size=CONTEXT,
-        model_batch_size=5,
-        shuffle=False,
-        device="cpu",
-        new_cached_activations_path=str(out),
-        buffer_size_gb=8 * CONTEXT * D_MODEL * 4 / 1e9,  # a few rows per buffer: several shards
-    )
-    return {**fields, **overrides}
-
-
 def run(model_dir: Path, out: Path, hooks, data, model=None, **overrides) -> dict[str, torch.Tensor]:
-    cfg = CacheActivationsRunnerConfig(**options(model_dir, out, hooks, **overrides))
+    cfg = CacheActivationsRunnerConfig(**cache_options(model_dir, out, hooks, **overrides))
     return CacheActivationsRunner(cfg, data, model=model).run().with_format("torch")[:]
 
 
@@ -152,13 +134,13 @@ def test_a_given_tokenizer_is_used_and_a_missing_one_is_asked_for(saved, text, t
     plain = dict(prepend_bos=False, sequence_separator_token=None)
     found = run(saved["gpt2"], tmp_path / "found", GPT2_RESID, text, model=load(saved["gpt2"]), **plain)
     assert not (found["token_ids"] == 0).any()  # the saved GPT-2 tokenizer adds no BOS
-    cfg = CacheActivationsRunnerConfig(**options(saved["gpt2"], tmp_path / "given", GPT2_RESID, **plain))
+    cfg = CacheActivationsRunnerConfig(**cache_options(saved["gpt2"], tmp_path / "given", GPT2_RESID, **plain))
     given = CacheActivationsRunner(cfg, text, model=load(saved["gpt2"]), tokenizer=build_tokenizer(bos_first=True))
     assert (given.run().with_format("torch")[:]["token_ids"] == 0).any()  # this one puts BOS before every text
 
     unnamed = load(saved["gpt2"])
     unnamed.name_or_path = ""
-    cfg = CacheActivationsRunnerConfig(**options(saved["gpt2"], tmp_path / "none", GPT2_RESID))
+    cfg = CacheActivationsRunnerConfig(**cache_options(saved["gpt2"], tmp_path / "none", GPT2_RESID))
     with pytest.raises(ValueError, match=r"pass CacheActivationsRunner\(cfg, model=..., tokenizer=...\)"):
         CacheActivationsRunner(cfg, text, model=unnamed).run()
 
@@ -216,7 +198,7 @@ def test_saelens_trains_from_a_cli_cache_with_auto_model_for_causal_lm(saved, te
     data_dir.mkdir()
     text.to_parquet(str(data_dir / "train.parquet"))
     hooks = [HOOKS["llama"]["attn"], HOOKS["llama"]["resid"]]
-    flags = {**options(saved["llama"], out, ",".join(hooks), shuffle=True), "dataset_path": str(data_dir)}
+    flags = {**cache_options(saved["llama"], out, ",".join(hooks), shuffle=True), "dataset_path": str(data_dir)}
     assert cli.main([arg for k, v in flags.items() for arg in (f"--{k}", str(v))]) == 0
     assert f"hook_name={hooks[0]!r}, context_size={CONTEXT}, d_in={D_MODEL}" in capsys.readouterr().out
     cache = datasets.load_from_disk(str(out)).with_format("torch")[:]
@@ -293,6 +275,13 @@ def test_the_shuffles_permute_the_unshuffled_cache(saved, text, tmp_path):
     assert row_keys(flat, hook) == row_keys(flat_plain, hook)
 
 
+def test_forward_threads_give_the_cache_of_one_thread(saved, text, tmp_path):
+    hooks = [HOOKS["gpt2"]["attn"], GPT2_RESID]
+    one = run(saved["gpt2"], tmp_path / "one", hooks, text, forward_threads=1)
+    three = run(saved["gpt2"], tmp_path / "three", hooks, text, forward_threads=3)
+    assert all(torch.equal(one[c], three[c]) for c in [*hooks, "token_ids"])
+
+
 def test_an_interrupted_run_resumes_to_the_same_bytes(saved, text, tmp_path):
     hook = [HOOKS["gpt2"]["attn"], GPT2_RESID]
     run(saved["gpt2"], tmp_path / "ref", hook, text, shuffle=True)
@@ -338,7 +327,10 @@ def test_ranks_load_the_model_by_path_and_cache_the_rows_of_one_process(saved, t
     single = run(saved["llama"], tmp_path / "single", hook, text)
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
-    init, opts = f"file://{tmp_path}/init-{os.urandom(4).hex()}", options(saved["llama"], tmp_path / "multi", hook)
+    init, opts = (
+        f"file://{tmp_path}/init-{os.urandom(4).hex()}",
+        cache_options(saved["llama"], tmp_path / "multi", hook),
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     procs = [
         subprocess.Popen(
