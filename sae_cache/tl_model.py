@@ -101,9 +101,15 @@ def stop_layer(hook_names: list[str]) -> int | None:
 def adapt(model: Any, tokenizer: Any = None) -> TransformerLensAdapter | None:
     """The adapter of a TransformerLens model (its own tokenizer; `tokenizer` is not used), None for other models."""
     from transformer_lens import HookedRootModule
-    from transformer_lens.model_bridge import TransformerBridge
 
-    if isinstance(getattr(model, "_orig_mod", model), HookedRootModule | TransformerBridge):
+    kinds: tuple[type, ...] = (HookedRootModule,)
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        kinds += (TransformerBridge,)
+    except ImportError:  # TransformerLens before 3 has no TransformerBridge
+        pass
+    if isinstance(getattr(model, "_orig_mod", model), kinds):
         return TransformerLensAdapter(model)
     return None
 
