@@ -1,4 +1,5 @@
-"""Command line: `python -m sae_cache [flags]` caches; `python -m sae_cache info DIR` describes a cache.
+"""Command line: `python -m sae_cache [flags]` caches; verbs: `info DIR` describes a cache, `targeted` caches chosen
+token positions of prompts, `hooks MODEL` lists a model's hook names with their widths.
 
 Owns parsing only: every config field becomes a flag whose help is the field's docstring (read with
 simple_parsing's docstring helper), `--config FILE` loads fields from YAML or JSON (flags override
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 from simple_parsing.docstring import get_attribute_docstring
 
-from sae_cache.config import CacheActivationsRunnerConfig
+from sae_cache.config import MODEL_CLASSES, CacheActivationsRunnerConfig
 
 _NONE = ("none", "null")
 
@@ -104,7 +105,8 @@ def build_parser(
         description=description
         or "Cache a language model's activations to disk for SAE training (SAELens-compatible). "
         "The defaults name the bundled demo model and text: `python -m sae_cache --context_size 128` runs offline. "
-        "Other verbs: `info DIR` describes a cache, `targeted --help` caches chosen token positions of prompts.",
+        "Other verbs: `info DIR` describes a cache, `targeted --help` caches chosen token positions of prompts, "
+        "`hooks MODEL` lists a model's hook names with their widths.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of config fields; flags override it.")
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return info_main(argv[1:])
     if argv[:1] == ["targeted"]:
         return _targeted(argv[1:])
+    if argv[:1] == ["hooks"]:
+        return _hooks(argv[1:])
     try:
         cfg, args = parse_config(argv)
     except CliError as e:
@@ -208,7 +212,12 @@ def _targeted(argv: list[str]) -> int:
         required=True,
         help="Dataset with the prompt and target columns (Hub name or local directory).",
     )
-    parser.add_argument("--model_name", default="sae-cache/demo", help="TransformerLens model name, or sae-cache/demo.")
+    parser.add_argument(
+        "--model_name",
+        default="sae-cache/demo",
+        help="Model name or directory (as --model_class_name says), or sae-cache/demo.",
+    )
+    parser.add_argument("--model_class_name", default="HookedTransformer", choices=MODEL_CLASSES, help=_CLASS_HELP)
     parser.add_argument("--device", default=None, help="Device of the model (default: cuda when available, else cpu).")
     try:
         cfg, args = parse_config(argv, TargetedCacheConfig, parser)
@@ -223,13 +232,72 @@ def _targeted(argv: list[str]) -> int:
 
     try:
         dataset = open_dataset(args.dataset_path, streaming=False)
-        model = load_model(args.model_name, device=args.device or default_device())
+        model = load_model(
+            args.model_name, model_class_name=args.model_class_name, device=args.device or default_device()
+        )
         dataset = cache_targeted(cfg, dataset, model)
     except (ValueError, OSError, TypeError, RuntimeError) as e:
         print(f"sae_cache: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"done: {cfg.output_path}: {len(dataset):,} rows, hooks {cfg.hook_names}")
     return 0
+
+
+_CLASS_HELP = "How to load the model: HookedTransformer (TransformerLens) or AutoModelForCausalLM (transformers)."
+
+
+def _hooks(argv: list[str]) -> int:
+    """`python -m sae_cache hooks MODEL`: every hook name of a model with its width, from one probe pass."""
+    parser = _ArgumentParser(
+        prog="python -m sae_cache hooks",
+        description="List a model's hook names with the width of each hook's activations per position (one forward "
+        "pass over a few tokens), for hook_name.",
+    )
+    parser.add_argument("model_name", help="TransformerLens model name, transformers Hub name or local directory.")
+    parser.add_argument(
+        "--model_class_name",
+        choices=MODEL_CLASSES,
+        help=_CLASS_HELP
+        + " Default: AutoModelForCausalLM for a directory holding a config.json, else HookedTransformer.",
+    )
+    parser.add_argument("--device", default=None, help="Device of the model (default: cuda when available, else cpu).")
+    parser.add_argument("--model_from_pretrained_kwargs", type=_json, default={}, metavar="JSON")
+    parser.add_argument("--all", action="store_true", help="Also list the hooks that cannot be cached, and why.")
+    from sae_cache.config import default_device
+    from sae_cache.model import load_model
+
+    try:
+        args = parser.parse_args(argv)
+        class_name = args.model_class_name or (
+            "AutoModelForCausalLM" if (Path(args.model_name) / "config.json").is_file() else "HookedTransformer"
+        )
+        model = load_model(
+            args.model_name,
+            model_class_name=class_name,
+            device=args.device or default_device(),
+            from_pretrained_kwargs=args.model_from_pretrained_kwargs,
+        )
+        widths = model.probe(model.hook_names())
+    except (ValueError, OSError, TypeError, RuntimeError) as e:
+        print(f"sae_cache: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(_hook_table(f"{args.model_name} ({class_name})", widths, show_all=args.all))
+    return 0
+
+
+def _hook_table(model: str, widths: dict[str, tuple[int | None, str]], *, show_all: bool) -> str:
+    """The hooks verb's listing: one line per hook with its width (or why it cannot be cached)."""
+    cacheable = {name: width for name, (width, _) in widths.items() if width is not None}
+    pad = max(map(len, widths if show_all else cacheable), default=0)
+    lines = [f"{model}: {len(cacheable)} hooks can be cached (hook name, width per position)"]
+    for name, (width, why) in widths.items():
+        if width is not None:
+            lines.append(f"  {name:<{pad}}  {width}")
+        elif show_all:
+            lines.append(f"  {name:<{pad}}  -  {why}")
+    if not show_all and len(cacheable) < len(widths):
+        lines.append(f"{len(widths) - len(cacheable)} more cannot be cached; --all lists them with the reason.")
+    return "\n".join(lines)
 
 
 def _summary(runner, dataset) -> str:

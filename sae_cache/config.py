@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sae_cache.columns import TOKEN_IDS
+from sae_cache.demo import DEMO_MODEL_NAME
 
 # Storage dtypes that the datasets Array2D format can hold, by every spelling we accept.
 STORAGE_DTYPES: dict[str, str] = {
@@ -24,6 +25,7 @@ STORAGE_DTYPES: dict[str, str] = {
     "torch.float16": "float16",
     "torch.float64": "float64",
 }
+MODEL_CLASSES = ("HookedTransformer", "AutoModelForCausalLM")  # what model_class_name may say, as in SAELens
 SPECIAL_TOKEN_NAMES = ("bos", "eos", "sep")  # what sequence_separator_token may name besides a token id
 UNSET = -1
 
@@ -43,15 +45,18 @@ class CacheActivationsRunnerConfig:
     `sae-cache/demo-text` (the bundled demo text). Columns: `tokens`/`input_ids` (pretokenized) or `text`/`problem`."""
 
     model_name: str = "sae-cache/demo"
-    """TransformerLens model name (loaded with `from_pretrained_no_processing`), or `sae-cache/demo` (the bundled demo
+    """Model to load, as model_class_name says: a TransformerLens model name (HookedTransformer), a Hugging Face Hub
+    name or a local directory saved with save_pretrained (AutoModelForCausalLM), or `sae-cache/demo` (the bundled demo
     model)."""
 
     model_batch_size: int = 32
     """Sequences per forward pass."""
 
     hook_name: str | list[str] = "blocks.2.hook_resid_post"
-    """TransformerLens hook name to cache; a list (or a comma-separated string) caches several hooks in one forward
-    pass, one column each."""
+    """Hook to cache: a TransformerLens hook name (`blocks.2.hook_resid_post`), or for a transformers model a module
+    path (`model.layers.12`, `model.layers.12.mlp`: the module's output, its first element when a tuple), as in
+    SAELens. A list (or a comma-separated string) caches several hooks in one forward pass, one column each.
+    `python -m sae_cache hooks MODEL` lists a model's hook names with their widths."""
 
     d_in: int = UNSET
     """Width of the cached activations; -1 reads it from the model. When set it must match every hook."""
@@ -63,7 +68,9 @@ class CacheActivationsRunnerConfig:
     """Tokens per sequence. -1 takes the row length of a pretokenized dataset; required for raw text."""
 
     model_class_name: str = "HookedTransformer"
-    """Model class to load `model_name` with. Only HookedTransformer is loaded by name; pass `model=` for others."""
+    """How to load `model_name`: HookedTransformer (TransformerLens, `from_pretrained_no_processing`) or
+    AutoModelForCausalLM (transformers, `from_pretrained`, with its tokenizer), as in SAELens. A model passed as
+    CacheActivationsRunner(cfg, model=...) is used as it is."""
 
     new_cached_activations_path: str | None = None
     """Output directory. Default: activations/{dataset}/{model}/{hook_name} (SAELens's default)."""
@@ -100,7 +107,9 @@ class CacheActivationsRunnerConfig:
     """Keyword arguments passed to every forward call of the model."""
 
     model_from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments passed to the model's from_pretrained."""
+    """Keyword arguments passed to the model's from_pretrained. For AutoModelForCausalLM e.g. `device_map` ("auto":
+    one model over several GPUs; the model then stays where it is placed instead of going to `device`),
+    `torch_dtype`, `attn_implementation`."""
 
     compile_llm: bool = False
     """torch.compile the model before caching."""
@@ -295,10 +304,15 @@ def _check_hooks(cfg: CacheActivationsRunnerConfig) -> None:
 
 
 def _check_model(cfg: CacheActivationsRunnerConfig) -> None:
-    if cfg.model_class_name != "HookedTransformer":
+    if cfg.model_class_name not in MODEL_CLASSES:
         raise ValueError(
-            f"model_class_name={cfg.model_class_name!r}: only HookedTransformer models are loaded by name; "
-            "build other models yourself and pass them as CacheActivationsRunner(cfg, model=...)."
+            f"model_class_name={cfg.model_class_name!r} cannot be loaded: use one of {list(MODEL_CLASSES)}, or build "
+            "the model yourself and pass it as CacheActivationsRunner(cfg, model=...)."
+        )
+    if cfg.model_class_name != "HookedTransformer" and cfg.model_name == DEMO_MODEL_NAME:
+        raise ValueError(
+            f"model_name={DEMO_MODEL_NAME!r} is a HookedTransformer: set model_class_name='HookedTransformer', or name "
+            "a transformers model (a Hub name or a local directory) in model_name."
         )
     if cfg.use_chat_formatting and cfg.context_size == UNSET:
         raise ValueError("use_chat_formatting=True requires context_size to be set explicitly.")

@@ -1,26 +1,32 @@
 """The model seam: a language model of any supported library behind one interface (the only module that runs one).
 
-Owns loading a model by name (`load_model`: TransformerLens, or the bundled demo model), wrapping a model a
-user passes in (`adapt`), and everything the other stages ask of a model through `ModelAdapter`: its
-tokenizer and how text becomes tokens (no BOS, no truncation, as SAELens does), the device its inputs go to,
-its context length, its hook names and their widths (a five-token shape probe), and `HookCapture`: forward
-passes that record several hooks and stop right after the deepest one, from one thread or several at once.
-Hooks are added inside a context manager that removes them in `finally`, so a failed pass leaves the model
-clean, and the model a user passed in comes back as it was.
+Owns `ModelAdapter`, everything the other stages ask of a model: its tokenizer and how text becomes tokens (no BOS,
+no truncation, as SAELens does), the device its inputs go to, its context length, its hook names and their widths
+(one shape probe over a (2, 5) batch of tokens), and `HookCapture`: forward passes that record several hooks and stop
+right after the deepest one, from one thread or several at once. Hooks are added inside a context manager that
+removes exactly the hooks it added in `finally`, and the model runs in eval mode for as long as they are in place,
+so a model a user passed in comes back as it was (its own hooks, training flags and device untouched).
+
+`load_model` (by name) and `adapt` (a model object) pick the adapter: `sae_cache.tl_model` for TransformerLens
+(HookedTransformer, TransformerBridge, the bundled demo model) and `sae_cache.hf_model` for transformers (a
+PreTrainedModel, SAELens's HookedProxyLM). Those modules build on this one and are imported only when a model of
+their kind is met, so importing sae_cache loads neither library.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from sae_cache.config import hook_layer_from_name
+from sae_cache.config import MODEL_CLASSES
 
-Record = Callable[[str, torch.Tensor], None]  # called by an installed hook with (hook name, activation)
+Record = Callable[[str, Any], None]  # called by an installed hook with (hook name, activation)
+PROBE_SHAPE = (2, 5)  # the shape probe's batch of tokens: two rows (a hook must keep the batch), five positions
 
 
 class _StopForward(Exception):
@@ -38,13 +44,18 @@ class ModelAdapter:
     # -- what the model is ---------------------------------------------------------------------------
 
     @property
+    def module(self) -> torch.nn.Module:
+        """The model's torch module (under torch.compile, the module it wraps): where hooks go."""
+        return getattr(self.model, "_orig_mod", self.model)
+
+    @property
     def tokenizer(self) -> Any:
         return getattr(self.model, "tokenizer", None)
 
     @property
     def device(self) -> torch.device:
         """The device input tokens go to (where the embedding lives)."""
-        return next(self.model.parameters()).device
+        return next(self.module.parameters()).device
 
     @property
     def n_ctx(self) -> int | None:
@@ -62,7 +73,7 @@ class ModelAdapter:
 
     @property
     def name(self) -> str:
-        return type(self.model).__name__
+        return type(self.module).__name__
 
     # -- tokens --------------------------------------------------------------------------------------
 
@@ -82,28 +93,29 @@ class ModelAdapter:
         raise NotImplementedError
 
     def check_hooks(self, names: list[str]) -> None:
-        """Raise a ValueError naming every hook the model does not have, with what its hooks look like."""
+        """Raise a ValueError naming every hook the model does not have, with the close names it has."""
         raise NotImplementedError
 
-    def hook_dims(self, names: list[str]) -> dict[str, int]:
-        """Width of each hook's activation per position, from one forward pass over five tokens.
-
-        Hooks with a head dimension (e.g. hook_z) are flattened to n_heads * d_head, as SAELens does. A hook
-        whose activation is not laid out as (batch, position, ...) (attention patterns) is refused.
-        """
-        n = min(5, self.n_ctx or 5)
-        tokens = torch.zeros((1, n), dtype=torch.long, device=self.device)
+    def probe(self, names: list[str]) -> dict[str, tuple[int | None, str]]:
+        """(width per position, "") of each hook of `names`, or (None, why it cannot be cached), from one forward pass
+        over a PROBE_SHAPE batch of tokens (fewer positions when the model's context is shorter)."""
+        n = min(PROBE_SHAPE[1], self.n_ctx or PROBE_SHAPE[1])
+        tokens = torch.zeros((PROBE_SHAPE[0], n), dtype=torch.long, device=self.device)
         with self.capture(names, flatten=False) as cap:
             acts = cap(tokens)
+        return {name: activation_width(acts[name], n) if name in acts else (None, DID_NOT_RUN) for name in names}
+
+    def hook_dims(self, names: list[str]) -> dict[str, int]:
+        """Width of each hook's activation per position, from one probe pass (see `probe`).
+
+        Hooks with a head dimension (e.g. hook_z) are flattened to n_heads * d_head, as SAELens does. A hook that
+        does not run, or whose activation is not laid out as (batch, position, ...) (attention patterns), is refused.
+        """
         dims = {}
-        for hook in names:
-            act = acts[hook]
-            if act.ndim < 3 or act.shape[:2] != (1, n) or (act.ndim == 4 and act.shape[-2:] == (n, n)):
-                raise ValueError(
-                    f"hook {hook!r} gives activations of shape {tuple(act.shape)} for a (1, {n}) batch of tokens; "
-                    "only hooks shaped (batch, position, ...) can be cached (not attention patterns or scores)."
-                )
-            dims[hook] = int(torch.tensor(act.shape[2:]).prod())
+        for hook, (width, why) in self.probe(names).items():
+            if width is None:
+                raise ValueError(f"hook {hook!r} {why}; only hooks shaped (batch, position, ...) can be cached.")
+            dims[hook] = width
         return dims
 
     def capture(self, names: list[str], **options) -> HookCapture:
@@ -124,99 +136,62 @@ class ModelAdapter:
         raise NotImplementedError
 
 
-class TransformerLensAdapter(ModelAdapter):
-    """A TransformerLens HookedTransformer (or any HookedRootModule): hook names are its hook points."""
+DID_NOT_RUN = "did not run in the forward pass (a container such as a ModuleList never runs itself)"
 
-    kind = "HookedTransformer"
 
-    @property
-    def device(self) -> torch.device:
-        if hasattr(self.model, "W_E"):
-            return self.model.W_E.device
-        return super().device
-
-    @property
-    def n_ctx(self) -> int | None:
-        return getattr(getattr(self.model, "cfg", None), "n_ctx", None)
-
-    @property
-    def causal(self) -> bool:
-        return getattr(getattr(self.model, "cfg", None), "attention_dir", "causal") == "causal"
-
-    @property
-    def default_prepend_bos(self) -> bool:
-        return getattr(getattr(self.model, "cfg", None), "default_prepend_bos", True)
-
-    @property
-    def name(self) -> str:
-        return getattr(getattr(self.model, "cfg", None), "model_name", None) or super().name
-
-    def tokenize(self, text: str) -> torch.Tensor:
-        """`model.to_tokens(text, prepend_bos=False, truncate=False)` without touching the model's state.
-
-        to_tokens sets model.cfg.default_prepend_bos for the duration of the call, and every forward pass
-        saves and restores it: with forward passes on other threads (forward_threads) the two interleave
-        and can leave the user's model with prepend_bos switched off. So the tokenizer is called directly.
-        """
-        from transformer_lens.utilities import get_tokens_with_bos_removed
-
-        ids = self.tokenizer(text, return_tensors="pt", padding=True, truncation=False)["input_ids"]
-        if self.model.cfg.tokenizer_prepends_bos:
-            ids = get_tokens_with_bos_removed(self.tokenizer, ids)
-        return ids.squeeze(0)
-
-    def hook_names(self) -> list[str]:
-        return list(self.model.hook_dict)
-
-    def check_hooks(self, names: list[str]) -> None:
-        missing = [h for h in names if h not in self.model.hook_dict]
-        if not missing:
-            return
-        suffixes = sorted({name.split(".")[-1] for name in self.model.hook_dict})
-        raise ValueError(
-            f"hook_name {missing} not found in the model. Hook names look like 'blocks.0.hook_resid_post'; "
-            f"this model has hooks ending in: {', '.join(suffixes)}."
+def activation_width(act: Any, n: int) -> tuple[int | None, str]:
+    """(width per position, "") of a probe activation shaped (batch, position, ...), else (None, why not); `n` is
+    the probe's number of positions."""
+    if not isinstance(act, torch.Tensor):
+        return None, f"gives a {type(act).__name__}, not a tensor"
+    if act.ndim < 3 or act.shape[:2] != (PROBE_SHAPE[0], n) or (act.ndim == 4 and act.shape[-2:] == (n, n)):
+        return None, (
+            f"gives activations of shape {tuple(act.shape)} for a {(PROBE_SHAPE[0], n)} batch of tokens "
+            "(not attention patterns or scores)"
         )
-
-    @contextlib.contextmanager
-    def install(self, names: list[str], record: Record) -> Iterator[None]:
-        added = []  # (hook point, handle): only these are removed, never hooks the user had added
-        try:
-            for name in names:
-                point = self.model.hook_dict[name]
-                point.add_hook(lambda act, hook: record(hook.name, act), dir="fwd")
-                added.append((point, point.fwd_hooks[-1]))
-            yield
-        finally:
-            for point, handle in added:
-                handle.hook.remove()
-                point.fwd_hooks.remove(handle)
-
-    def stops_by_itself(self, names: list[str]) -> bool:
-        return stop_layer(names) is not None
-
-    def forward(self, tokens_BL: torch.Tensor, names: list[str], kwargs: dict) -> None:
-        self.model(tokens_BL, stop_at_layer=stop_layer(names), **kwargs)
+    return int(torch.tensor(act.shape[2:]).prod()), ""
 
 
-def stop_layer(hook_names: list[str]) -> int | None:
-    """stop_at_layer for TransformerLens: one past the deepest block hooked, None if a hook is outside the blocks."""
-    layers = [hook_layer_from_name(h) if h.startswith("blocks.") else None for h in hook_names]
-    if any(layer is None for layer in layers):
-        return None
-    return max(layers) + 1  # type: ignore[operator]
+def unknown_hooks_error(missing: list[str], known: list[str], looks_like: str) -> ValueError:
+    """The one error for hook names the model lacks: what hook names look like, and the close ones it has."""
+    close = {name: difflib.get_close_matches(name, known, n=5, cutoff=0.6) for name in missing}
+    hints = "; ".join(f"for {name!r}: {', '.join(found)}" for name, found in close.items() if found)
+    return ValueError(
+        f"hook_name {missing} not found in the model. Hook names look like {looks_like}"
+        + (f"; close names: {hints}" if hints else "")
+        + ". `python -m sae_cache hooks MODEL` lists every hook name with its width."
+    )
 
 
-def adapt(model: Any) -> ModelAdapter:
-    """The adapter of a model object a user passes in (an adapter is returned as it is)."""
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """The module in eval mode for the block; every submodule's own training flag restored after."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def adapt(model: Any, tokenizer: Any = None) -> ModelAdapter:
+    """The adapter of a model object a user passes in (an adapter is returned as it is).
+
+    A transformers PreTrainedModel takes `tokenizer`, else the tokenizer found under its name or path; SAELens's
+    HookedProxyLM brings its own; TransformerLens models (HookedTransformer, TransformerBridge) carry theirs.
+    """
     if isinstance(model, ModelAdapter):
         return model
-    from transformer_lens.hook_points import HookedRootModule
+    from sae_cache import hf_model, tl_model
 
-    if isinstance(getattr(model, "_orig_mod", model), HookedRootModule):
-        return TransformerLensAdapter(model)
+    for kind in (hf_model, tl_model):
+        adapter = kind.adapt(model, tokenizer)
+        if adapter is not None:
+            return adapter
     raise TypeError(
-        f"model is a {type(model).__name__}: pass a TransformerLens HookedTransformer (or HookedRootModule)."
+        f"model is a {type(model).__name__}: pass a TransformerLens HookedTransformer or TransformerBridge, a "
+        "transformers PreTrainedModel (e.g. from AutoModelForCausalLM), or SAELens's HookedProxyLM."
     )
 
 
@@ -229,21 +204,17 @@ def load_model(
     compile_llm: bool = False,
     compilation_mode: str | None = None,
 ) -> ModelAdapter:
-    """Load `model_name` onto `device` in eval mode (the demo model by its own name)."""
-    from sae_cache.demo import DEMO_MODEL_NAME, load_demo_model
+    """Load `model_name` as `model_class_name` says, in eval mode (on `device` unless a device_map places it)."""
+    if model_class_name not in MODEL_CLASSES:
+        raise ValueError(f"model_class_name={model_class_name!r} is not one of {list(MODEL_CLASSES)}.")
+    from sae_cache import hf_model, tl_model
 
-    if model_name == DEMO_MODEL_NAME:
-        model = load_demo_model(device=device)
-    else:
-        from transformer_lens import HookedTransformer
-
-        model = HookedTransformer.from_pretrained_no_processing(
-            model_name, device=device, **(from_pretrained_kwargs or {})
-        )
+    kind = hf_model if model_class_name == "AutoModelForCausalLM" else tl_model
+    model, tokenizer = kind.load(model_name, device=device, from_pretrained_kwargs=from_pretrained_kwargs or {})
     model.eval()
     if compile_llm:
         model = torch.compile(model, mode=compilation_mode)
-    return adapt(model)
+    return adapt(model, tokenizer)
 
 
 class HookCapture:
@@ -252,7 +223,8 @@ class HookCapture:
     `with adapter.capture(hooks) as cap: acts = cap(tokens_BL)` runs one forward pass that records the
     hooks at the kept `positions` and stops after the deepest one. Hooks run on the thread that runs the
     pass, so what they record goes to that thread's own dict: several threads may run passes at once (the
-    CPU forward threads of the store). Activations stay on the model's device, in the model's dtype.
+    CPU forward threads of the store). Activations stay on the model's device (the input device: a hook on a
+    layer a device_map put on another GPU is moved there), in the model's dtype.
     """
 
     def __init__(
@@ -270,10 +242,12 @@ class HookCapture:
         self.model_kwargs = model_kwargs or {}
         self._raise_when_done = not adapter.stops_by_itself(self.hook_names)
         self._local = threading.local()
+        self._device = adapter.device
         self._installed: contextlib.ExitStack | None = None
 
     def __enter__(self) -> HookCapture:
         self._installed = contextlib.ExitStack()
+        self._installed.enter_context(eval_mode(self.adapter.module))
         self._installed.enter_context(self.adapter.install(self.hook_names, self._record))
         return self
 
@@ -281,10 +255,13 @@ class HookCapture:
         assert self._installed is not None
         self._installed.close()
 
-    def _record(self, name: str, act: torch.Tensor) -> None:
-        act = act[:, self.positions]
+    def _record(self, name: str, act: Any) -> None:
+        if isinstance(act, torch.Tensor) and act.ndim >= 2:  # anything else is refused by hook_dims, before any data
+            act = act if self.positions == slice(None) else act[:, self.positions]
+            act = act if act.device == self._device else act.to(self._device)
+            act = act.reshape(*act.shape[:2], -1) if self.flatten else act
         captured = self._local.captured
-        captured[name] = act.reshape(*act.shape[:2], -1) if self.flatten else act
+        captured[name] = act
         if self._raise_when_done and len(captured) == len(self.hook_names):
             raise _StopForward
 

@@ -78,10 +78,15 @@ class _Resolved:
 class CacheActivationsRunner:
     """Caches the activations described by a CacheActivationsRunnerConfig to disk."""
 
-    def __init__(self, cfg: CacheActivationsRunnerConfig, override_dataset: Any = None, model: Any = None) -> None:
+    def __init__(
+        self, cfg: CacheActivationsRunnerConfig, override_dataset: Any = None, model: Any = None, tokenizer: Any = None
+    ) -> None:
+        """`model`: a model to use instead of loading cfg.model_name (TransformerLens HookedTransformer or
+        TransformerBridge, transformers PreTrainedModel, SAELens HookedProxyLM); `tokenizer`: the tokenizer of a
+        transformers model (default: found under the model's name or path)."""
         self.cfg = cfg
         self.override_dataset = override_dataset
-        self._model = model
+        self._model, self._tokenizer = model, tokenizer
         self._resolved: _Resolved | None = None
         self.paths = RunPaths(Path(cfg.new_cached_activations_path))  # type: ignore[arg-type]
 
@@ -195,7 +200,7 @@ class CacheActivationsRunner:
     def _load_model(self) -> ModelAdapter:
         cfg = self.cfg
         if self._model is not None:
-            return adapt(self._model)
+            return adapt(self._model, self._tokenizer)
         return load_model(
             cfg.model_name,
             model_class_name=cfg.model_class_name,

@@ -192,9 +192,11 @@ def run_batches(
     return size, pads
 
 
-def cache_targeted(cfg: TargetedCacheConfig, dataset: datasets.Dataset, model) -> datasets.Dataset:
-    """Cache the activations at each prompt's target tokens; returns the published cache (see the module docstring)."""
-    model = adapt(model)
+def cache_targeted(cfg: TargetedCacheConfig, dataset: datasets.Dataset, model, tokenizer=None) -> datasets.Dataset:
+    """Cache the activations at each prompt's target tokens; returns the published cache (see the module docstring).
+
+    `model` is any model CacheActivationsRunner takes (`tokenizer`: a transformers model's, as there)."""
+    model = adapt(model, tokenizer)
     bos = _check_inputs(cfg, dataset, model)
     paths = RunPaths(Path(cfg.output_path))
     repair_interrupted_swap(paths.out)

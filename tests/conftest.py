@@ -14,6 +14,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_cache import CacheActivationsRunnerConfig
 from sae_cache.demo.tokenizer import train_bpe_tokenizer, wrap_tokenizer
+from sae_cache.model import PROBE_SHAPE
 
 torch.set_num_threads(1)  # tiny matmuls: threads only add contention
 
@@ -57,7 +58,7 @@ def build_model(tokenizer) -> HookedTransformer:
     return model
 
 
-SHAPE_PROBE = (1, 5)  # ModelAdapter.hook_dims: one pass over a (1, 5) batch of tokens, before any data
+SHAPE_PROBE = PROBE_SHAPE  # ModelAdapter.hook_dims: one pass over a batch of this shape, before any data
 
 
 @contextlib.contextmanager

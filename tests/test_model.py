@@ -9,7 +9,8 @@ import threading
 import pytest
 import torch
 
-from sae_cache.model import ModelAdapter, TransformerLensAdapter, adapt, stop_layer
+from sae_cache.model import ModelAdapter, adapt
+from sae_cache.tl_model import TransformerLensAdapter, stop_layer
 
 HOOKS = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_post"]
 
@@ -90,7 +91,7 @@ def test_hook_dims_flatten_heads_and_refuse_attention_patterns(adapter):
         "blocks.0.attn.hook_q": 4 * 8,
     }
     for hook in ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"]:
-        with pytest.raises(ValueError, match=r"\(1, 4, 5, 5\) for a \(1, 5\) batch.*not attention patterns"):
+        with pytest.raises(ValueError, match=r"\(2, 4, 5, 5\) for a \(2, 5\) batch.*not attention patterns"):
             adapter.hook_dims(["blocks.0.hook_resid_post", hook])
 
 
@@ -100,7 +101,9 @@ def test_check_hooks_names_every_missing_hook_and_what_hooks_look_like(adapter):
         adapter.check_hooks(["blocks.0.hook_resid_post", "blocks.7.hook_resid_post", "blocks.0.hook_typo"])
     message = str(error.value)
     assert "['blocks.7.hook_resid_post', 'blocks.0.hook_typo'] not found in the model" in message
-    assert "hook_resid_post" in message.split("hooks ending in:")[1]  # what this model's hooks are called
+    close = message.split("close names:")[1]  # what this model's hooks are called, nearest first
+    assert "for 'blocks.7.hook_resid_post': blocks.2.hook_resid_post" in close and "hook_typo':" in close
+    assert "python -m sae_cache hooks MODEL" in message
 
 
 def test_stop_layer_is_one_past_the_deepest_block_or_none_outside_the_blocks():

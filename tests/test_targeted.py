@@ -17,6 +17,7 @@ from datasets import ClassLabel, Dataset, Features, Sequence, Value
 
 from sae_cache import targeted
 from sae_cache.metadata import METADATA_FILE
+from sae_cache.model import PROBE_SHAPE
 from sae_cache.target_spans import find_target, locate_prompts, span_positions, token_offsets, token_span
 from sae_cache.targeted import TargetedCacheConfig, cache_targeted, length_order, padding_tokens
 
@@ -341,7 +342,7 @@ def test_out_of_memory_halves_the_batch_and_reports_the_size(model, prompts_data
     tried = fake_oom(2)
     with caplog.at_level(logging.WARNING, logger="sae_cache"):
         out = cache_targeted(make_config(tmp_path, "oom", batch_size=8), prompts_dataset, model).with_format("numpy")
-    assert tried[:4] == [1, 8, 4, 2]  # the shape probe, then 8 and 4 fail, 2 fits
+    assert tried[:4] == [PROBE_SHAPE[0], 8, 4, 2]  # the shape probe, then 8 and 4 fail, 2 fits
     assert set(tried[4:]) <= {1, 2}
     assert metadata(tmp_path / "oom")["batch_size"] == {"requested": 8, "found": 2}
     assert "going on with 4" in caplog.text and "going on with 2" in caplog.text
@@ -355,7 +356,7 @@ def test_out_of_memory_is_raised_at_size_one_or_without_auto(model, prompts_data
     tried = fake_oom(limit)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         cache_targeted(make_config(tmp_path, batch_size=4, auto_batch_size=auto), prompts_dataset, model)
-    assert tried == ([1, 4, 2, 1] if auto else [1, 4])  # the shape probe, then down to one prompt (auto) or not
+    assert tried == ([2, 4, 2, 1] if auto else [2, 4])  # the shape probe, then down to one prompt (auto) or not
     assert list(tmp_path.iterdir()) == []  # neither a cache nor a work directory is left
 
 
