@@ -72,6 +72,14 @@ def load_rows(data: str):
     return load_from_disk(data)
 
 
+def model_and_rows(kind: str, data: str, batch: int, context: int, hook: str | list[str], device: str):
+    """The model, built and warmed up with one batch, and the pretokenized rows: the setup of an end-to-end run."""
+    model = build_model(kind, device)
+    rows = load_rows(data)
+    warm_up(model, batch, context, hook, device)
+    return model, rows
+
+
 def _demo_rows(context: int):
     """The demo text, tokenized and packed into rows of `context` tokens (numpy, one row per row)."""
     import numpy as np

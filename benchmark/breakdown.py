@@ -30,7 +30,6 @@ from benchmark._common import (
     BATCH,
     CONTEXT,
     GB,
-    HOOK,
     Job,
     MiB,
     Verdict,
@@ -47,7 +46,6 @@ from benchmark._common import (
     threads_text,
 )
 from benchmark._measure import Timed, proc_status
-from benchmark._setup import build_model, cache_config, load_rows, warm_up
 
 ABLATIONS = ("inline_writer", "no_fsync", "no_stats")
 STAGES = (
@@ -190,43 +188,25 @@ def task_ablated(ablate: list[str], **kwargs) -> dict:
     return forward_vs_cache.task_sae_cache(**kwargs)
 
 
-def task_breakdown(
-    data: str,
-    kind: str,
-    out: str,
-    training_tokens: int,
-    buffer_size_gb: float,
-    batch: int,
-    context: int,
-    hook: str = HOOK,
-    device: str = "cpu",
-) -> dict:
-    """sae_cache end to end with its stages instrumented (wall and thread CPU per stage), shuffle=False."""
+def task_breakdown(**setup) -> dict:
+    """sae_cache end to end with its stages instrumented (wall and thread CPU per stage), shuffle=False.
+
+    `setup`: the arguments of benchmark.forward_vs_cache.sae_cache_setup.
+    """
     import torch
 
     from sae_cache import CacheActivationsRunner
 
-    model = build_model(kind, device)
-    dataset = load_rows(data)
-    warm_up(model, batch, context, hook, device)
-    stages = _instrument()  # after the setup: load_rows is no call of load_from_disk at the end
-    cfg = cache_config(
-        out,
-        hooks=hook,
-        training_tokens=training_tokens,
-        batch=batch,
-        context=context,
-        buffer_size_gb=buffer_size_gb,
-        device=device,
-    )
+    model, rows, cfg = forward_vs_cache.sae_cache_setup(**setup)
+    stages = _instrument()  # after the setup: reading the rows is no call of load_from_disk at the end
     sampler = _RssSampler()
     main_cpu0 = time.thread_time()
-    with Timed(device) as t, sampler:
-        CacheActivationsRunner(cfg, override_dataset=dataset, model=model).run()
+    with Timed(cfg.device) as t, sampler:
+        CacheActivationsRunner(cfg, override_dataset=rows, model=model).run()
     main_cpu = time.thread_time() - main_cpu0
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(cfg.new_cached_activations_path, ignore_errors=True)
     return t.result(
-        tokens=training_tokens // context * context,
+        tokens=cfg.training_tokens // cfg.context_size * cfg.context_size,
         main_thread_cpu_s=main_cpu,
         stages={k: {"wall": v.wall, "cpu": v.cpu, "calls": v.calls} for k, v in stages.items()},
         torch_threads_used=torch.get_num_threads(),

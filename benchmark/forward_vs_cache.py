@@ -45,7 +45,7 @@ from benchmark._common import (
     times,
 )
 from benchmark._measure import Timed
-from benchmark._setup import build_model, cache_config, cache_info, load_rows, stop_layer, warm_up
+from benchmark._setup import build_model, cache_config, cache_info, load_rows, model_and_rows, stop_layer, warm_up
 
 TARGET = 0.95
 FORWARD = ("forward loop", "forward loop, 2 threads")
@@ -107,25 +107,20 @@ def task_forward(
     return t.result(tokens=int(tokens.numel()), streams=streams)
 
 
-def task_sae_cache(
+def sae_cache_setup(
     data: str,
     kind: str,
     out: str,
     training_tokens: int,
     buffer_size_gb: float,
-    shuffle: bool,
     batch: int,
     context: int,
     hook: str = HOOK,
-    forward_threads: int | None = None,
     device: str = "cpu",
-) -> dict:
-    """sae_cache's CacheActivationsRunner end to end (construction + run(), model built beforehand)."""
-    from sae_cache import CacheActivationsRunner
-
-    model = build_model(kind, device)
-    dataset = load_rows(data)
-    warm_up(model, batch, context, hook, device)
+    **fields,
+):
+    """The untimed part of a sae_cache run: (model, rows, config); `fields` are more of the config's fields."""
+    model, rows = model_and_rows(kind, data, batch, context, hook, device)
     cfg = cache_config(
         out,
         hooks=hook,
@@ -134,13 +129,21 @@ def task_sae_cache(
         context=context,
         buffer_size_gb=buffer_size_gb,
         device=device,
-        shuffle=shuffle,
-        forward_threads=forward_threads,
+        **fields,
     )
-    with Timed(device) as t:
-        runner = CacheActivationsRunner(cfg, override_dataset=dataset, model=model)
+    return model, rows, cfg
+
+
+def task_sae_cache(shuffle: bool, forward_threads: int | None = None, **setup) -> dict:
+    """sae_cache's CacheActivationsRunner end to end (construction + run(), model built beforehand)."""
+    from sae_cache import CacheActivationsRunner
+
+    model, rows, cfg = sae_cache_setup(**setup, shuffle=shuffle, forward_threads=forward_threads)
+    with Timed(cfg.device) as t:
+        runner = CacheActivationsRunner(cfg, override_dataset=rows, model=model)
         cached = runner.run()
-    info = cache_info(Path(out), len(cached), context)
+    out = cfg.new_cached_activations_path
+    info = cache_info(Path(out), len(cached), cfg.context_size)
     plan = runner.plan
     del cached
     shutil.rmtree(out, ignore_errors=True)

@@ -50,7 +50,7 @@ from benchmark._common import (
     times,
 )
 from benchmark._measure import Timed
-from benchmark._setup import build_model, cache_info, load_rows, warm_up
+from benchmark._setup import cache_info, model_and_rows
 
 SPEED_TARGET = 1.3
 MODEL_OF = {"forward loop": 1, "forward loop, 2 threads": 2}  # forward loops measured for the RSS model term
@@ -89,9 +89,7 @@ def task_saelens(
     import sae_lens.cache_activations_runner as saelens_runner
     from sae_lens.config import CacheActivationsRunnerConfig as SAELensConfig
 
-    model = build_model(kind, device)
-    dataset = load_rows(data)
-    warm_up(model, batch, context, hook, device)
+    model, dataset = model_and_rows(kind, data, batch, context, hook, device)
     saelens_runner.load_model = lambda *args, **kwargs: model
     cfg = SAELensConfig(
         dataset_path=data,
