@@ -9,8 +9,12 @@ tiny smoke run, and writes its scratch data under a temporary directory that it 
 - `scaling` (e): 1x and 4x the tokens, time and peak RSS.
 - `shuffle` (f): shuffle=True vs False end to end, and `shuffle_shards` alone vs a plain copy.
 - `reader` (g): `CachedActivations.batches` vs a raw read of the same bytes.
+- `breakdown`, `multi_hook`, `ranks_scaling`: diagnostics and the figures of issue 6 and of torchrun ranks.
 
-Peak RSS and bytes on disk over raw activation bytes (d) are columns of every table. Every measured
-run happens in a fresh subprocess (`benchmark._worker`), so its peak RSS (VmHWM) is its own.
-`python -m benchmark.run_all` (`make bench`) runs them all and ends with a table of the targets.
+Peak RSS and bytes on disk over raw activation bytes (d) are columns of every table. Each file holds its own
+measurement: its task functions, each run in a fresh process (`python -m benchmark.<name> --task TASK --args
+JSON`, which prints one `RESULT {json}` line; `_common.run_task`), so every run's peak RSS (VmHWM) is its own.
+`_common` is the driver's side (no torch), `_measure` the measured process's (`Timed`, the RESULT line), `_setup`
+the one model builder and token data. The benchmarks that run a model take `--device` (default cpu).
+`python -m benchmark.run_all` (`make bench`) runs (a)-(g) and ends with a table of the targets.
 """

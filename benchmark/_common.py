@@ -1,8 +1,10 @@
-"""What every benchmark shares: the machine, scratch directories, subprocess runs, tables, verdicts.
+"""What every benchmark's driver shares: the machine, the command line, scratch directories, the task protocol,
+tables and verdicts.
 
-The parent process stays light (no torch import): every measured run is a fresh
-`python -m benchmark._worker TASK JSON` subprocess that prints one `RESULT {json}` line, so each
-run's peak RSS (VmHWM) is its own and no run warms another's allocator.
+The driver stays light (no torch import): every measured run is a fresh process,
+`python -m benchmark.<module> --task TASK --args JSON` (`run_task`), that prints one `RESULT {json}` line, so
+each run's peak RSS (VmHWM) is its own and no run warms another's allocator. torchrun runs (ranks_scaling)
+use the same line, printed by rank 0. The measured side of the protocol is benchmark._measure.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +30,8 @@ D_MODEL = 256
 HOOK = "blocks.1.hook_resid_post"
 BATCH = 32
 ACT_BYTES_PER_TOKEN = D_MODEL * 4  # float32
-THREADS_ENV = "SAE_CACHE_BENCH_TORCH_THREADS"  # read by benchmark._worker: torch.set_num_threads in every run
+THREADS_ENV = "SAE_CACHE_BENCH_TORCH_THREADS"  # read by benchmark._measure: torch.set_num_threads in every run
+RESULT_PREFIX = "RESULT "
 
 
 @dataclass
@@ -41,7 +44,24 @@ class Verdict:
     met: bool | None  # None: not judged (a --quick run, or a figure with no target)
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class Job:
+    """One measured run: task `task` of benchmark.<module>, called with `args` in a fresh process."""
+
+    module: str
+    task: str
+    args: dict = field(default_factory=dict)
+
+    def but(self, **changes) -> Job:
+        """The same job with some arguments changed."""
+        return Job(self.module, self.task, {**self.args, **changes})
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+
+def parser(description: str, *, device: bool = False) -> argparse.ArgumentParser:
+    """The options every benchmark takes; device=True adds --device (for the benchmarks that run a model)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: a smoke run of the script")
     p.add_argument("--reps", type=int, default=None, help="repetitions of each measurement (best of N is reported)")
@@ -51,20 +71,30 @@ def parser(description: str) -> argparse.ArgumentParser:
         default=None,
         help=f"torch threads in every run (default: torch's default, the core count); sets ${THREADS_ENV}",
     )
+    if device:
+        p.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (default: cpu)")
     return p
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse the arguments; --threads is handed to every worker through the environment."""
+    """Parse the arguments; --threads is handed to every run through the environment."""
     args = p.parse_args(argv)
     if args.threads:
         os.environ[THREADS_ENV] = str(args.threads)
     return args
 
 
-def threads_text(result: dict) -> str:
-    n = result.get("torch_threads")
-    return f"torch threads {n}" + ("" if os.environ.get(THREADS_ENV) else " (torch's default)")
+def entry(main: Callable[[list[str] | None], object], tasks: dict[str, Callable[..., dict]]) -> None:
+    """A benchmark module's `__main__`: one measured task with --task, else the driver `main`."""
+    if "--task" in sys.argv[1:]:
+        from benchmark._measure import serve
+
+        serve(tasks, sys.argv[1:])
+    else:
+        main(None)
+
+
+# -- the machine ------------------------------------------------------------------------------------
 
 
 def machine() -> dict:
@@ -88,6 +118,95 @@ def load_text() -> str:
     return f"load average {a:.2f} {b:.2f} {c:.2f} (nproc {os.cpu_count()})"
 
 
+def threads_text(result: dict) -> str:
+    n = result.get("torch_threads")
+    return f"torch threads {n}" + ("" if os.environ.get(THREADS_ENV) else " (torch's default)")
+
+
+@contextlib.contextmanager
+def scratch(name: str) -> Iterator[Path]:
+    """A temporary directory for a benchmark's data, removed afterwards (also on error)."""
+    path = Path(tempfile.mkdtemp(prefix=f"sae_cache_bench_{name}_"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- measured runs ----------------------------------------------------------------------------------
+
+
+def task_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a measured run: this repository first on the path, offline, no tokenizer threads."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return {**env, **(extra or {})}
+
+
+def run_task(
+    module: str, task: str, *, launcher: list[str] | None = None, env: dict[str, str] | None = None, **kwargs
+) -> dict:
+    """Run task `task` of benchmark.<module> in a fresh process and return its RESULT, plus `wall_s`: the
+    process's whole wall time as seen from here (start-up included).
+
+    `launcher` replaces `python -m` (e.g. torchrun's command line ending in -m); `env` adds variables.
+    """
+    cmd = [*(launcher or [sys.executable, "-m"]), f"benchmark.{module}", "--task", task, "--args", json.dumps(kwargs)]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=task_env(env), capture_output=True, text=True)
+    wall_s = time.perf_counter() - started
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX) and proc.returncode == 0:
+            return {**json.loads(line[len(RESULT_PREFIX) :]), "wall_s": wall_s}
+    raise RuntimeError(
+        f"task {module}.{task} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}"
+    )
+
+
+def run_job(job: Job) -> dict:
+    return run_task(job.module, job.task, **job.args)
+
+
+def alternate(jobs: dict[str, Job], reps: int, *, reverse_odd: bool = True) -> dict[str, list[dict]]:
+    """Run each named job `reps` times, alternating A/B/.. (order reversed every other round)."""
+    results: dict[str, list[dict]] = {name: [] for name in jobs}
+    names = list(jobs)
+    for r in range(reps):
+        order = names[::-1] if reverse_odd and r % 2 else names
+        for name in order:
+            res = run_job(jobs[name])
+            res["rep"] = r
+            results[name].append(res)
+            print(
+                f"  [{name} rep {r + 1}/{reps}: {res['seconds']:.2f} s, peak RSS {res['hwm_mib']:.0f} MiB, "
+                f"load {res['load'][0]:.2f}]",
+                file=sys.stderr,
+                flush=True,
+            )
+    return results
+
+
+def best(runs: list[dict]) -> dict:
+    """The fastest run (best of N: the run least disturbed by other load)."""
+    return min(runs, key=lambda r: r["seconds"])
+
+
+def prepare_tokens(directory: Path, n_rows: int) -> dict:
+    """A pretokenized datasets directory of n_rows rows of CONTEXT tokens (demo text, tiled), made once."""
+    out = directory / f"tokens_{n_rows}"
+    info = out / "bench_info.json"
+    if info.exists():
+        return json.loads(info.read_text())
+    res = run_task("_setup", "tokens", out=str(out), n_rows=n_rows, context=CONTEXT)
+    info.write_text(json.dumps(res))
+    return res
+
+
+# -- printing ---------------------------------------------------------------------------------------
+
+
 def header(title: str, note: str = "") -> None:
     """Print a table's title with the machine's load average at this moment."""
     print(f"\n### {title}\n")
@@ -109,63 +228,6 @@ def verdict_table(verdicts: list[Verdict]) -> None:
     table(["item", "measured", "target", "verdict"], [[v.item, v.measured, v.target, mark[v.met]] for v in verdicts])
 
 
-@contextlib.contextmanager
-def scratch(name: str) -> Iterator[Path]:
-    """A temporary directory for a benchmark's data, removed afterwards (also on error)."""
-    path = Path(tempfile.mkdtemp(prefix=f"sae_cache_bench_{name}_"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def run_worker(task: str, **kwargs) -> dict:
-    """Run one task of benchmark._worker in a fresh Python process and return its result."""
-    cmd = [sys.executable, "-m", "benchmark._worker", task, json.dumps(kwargs)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(
-        f"worker task {task} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}"
-    )
-
-
-def alternate(specs: dict[str, dict], reps: int, *, reverse_odd: bool = True) -> dict[str, list[dict]]:
-    """Run each named (task, kwargs) spec `reps` times, alternating A/B/.. (order reversed every other round)."""
-    results: dict[str, list[dict]] = {name: [] for name in specs}
-    names = list(specs)
-    for r in range(reps):
-        order = names[::-1] if reverse_odd and r % 2 else names
-        for name in order:
-            spec = dict(specs[name])
-            task = spec.pop("task")
-            res = run_worker(task, **spec)
-            res["rep"] = r
-            results[name].append(res)
-            print(
-                f"  [{name} rep {r + 1}/{reps}: {res['seconds']:.2f} s, peak RSS {res['hwm_mib']:.0f} MiB, "
-                f"load {res['load'][0]:.2f}]",
-                file=sys.stderr,
-                flush=True,
-            )
-    return results
-
-
-def best(runs: list[dict]) -> dict:
-    """The fastest run (best of N: the run least disturbed by other load)."""
-    return min(runs, key=lambda r: r["seconds"])
-
-
-def dir_bytes(path: Path) -> int:
-    """Apparent size of every file under path."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
 def f0(x: float) -> str:
     return f"{x:,.0f}"
 
@@ -181,14 +243,3 @@ def f3(x: float) -> str:
 def times(runs: list[dict]) -> str:
     """All run times, to show the spread behind the best one."""
     return " / ".join(f"{r['seconds']:.2f}" if r["seconds"] < 10 else f"{r['seconds']:.1f}" for r in runs)
-
-
-def prepare_tokens(directory: Path, n_rows: int) -> dict:
-    """A pretokenized datasets directory of n_rows rows of CONTEXT tokens (demo text, tiled), made once."""
-    out = directory / f"tokens_{n_rows}"
-    info = out / "bench_info.json"
-    if info.exists():
-        return json.loads(info.read_text())
-    res = run_worker("tokens", out=str(out), n_rows=n_rows, context=CONTEXT)
-    info.write_text(json.dumps(res))
-    return res

@@ -1,11 +1,11 @@
 """Run every benchmark and end with one table of issue 3's targets (`make bench`).
 
-    python -m benchmark.run_all [--quick] [--only a,b,...] [--skip a,b,...]
+    python -m benchmark.run_all [--quick] [--only a,b,...] [--skip a,b,...] [--threads T] [--device cuda]
 
 Runs, in order: forward_vs_cache (a), vs_saelens (b), writer (c), scaling (e), shuffle (f),
 reader (g); peak RSS and bytes on disk (d) are columns of their tables. `--quick` passes --quick to
-each (a smoke run of a few minutes). The full suite takes tens of minutes on 2 CPU cores; run it
-under nohup and redirect stdout to keep the tables.
+each (a smoke run of a few minutes); `--device` is passed to those that run a model (a, b, e, f). The
+full suite takes tens of minutes on 2 CPU cores; run it under nohup and redirect stdout to keep the tables.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ SUITE = {
     "f": shuffle,
     "g": reader,
 }
+WITH_DEVICE = {"a", "b", "e", "f"}  # the benchmarks that run a model
 
 
 def git_state() -> str:
@@ -41,37 +42,47 @@ def git_state() -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every benchmark")
     p.add_argument("--only", default="", help="comma-separated letters to run (default all: a,b,c,e,f,g)")
     p.add_argument("--skip", default="", help="comma-separated letters to skip")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's default)")
-    args = p.parse_args(argv)
+    p.add_argument("--device", default="cpu", help="where the model runs in a, b, e and f, e.g. cuda (default: cpu)")
+    return p.parse_args(argv)
+
+
+def script_argv(key: str, args: argparse.Namespace) -> list[str]:
+    """The command line handed to benchmark `key`."""
+    argv = ["--quick"] if args.quick else []
+    argv += [f"--threads={args.threads}"] if args.threads else []
+    return argv + ([f"--device={args.device}"] if key in WITH_DEVICE else [])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(argv)
     only = [x for x in args.only.split(",") if x] or list(SUITE)
     skip = {x for x in args.skip.split(",") if x}
     info = machine()
     print("## sae_cache benchmarks" + (" (--quick)" if args.quick else ""))
     print(
-        f"\nmachine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']:.1f} GiB RAM, Python {platform.python_version()}, "
-        f"load average at start {' '.join(f'{x:.2f}' for x in info['load'])}"
+        f"\nmachine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']:.1f} GiB RAM, "
+        f"Python {platform.python_version()}, load average at start {' '.join(f'{x:.2f}' for x in info['load'])}"
     )
     print(f"sae_cache at {git_state()}")
     verdicts, started = [], time.perf_counter()
-    for key in only:
-        if key in skip:
-            continue
+    for key in (k for k in only if k not in skip):
         print(f"\n[run_all] {key}: {SUITE[key].__name__}", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        verdicts += SUITE[key].main(
-            (["--quick"] if args.quick else []) + ([f"--threads={args.threads}"] if args.threads else [])
-        )
+        verdicts += SUITE[key].main(script_argv(key, args))
         print(f"[run_all] {key} took {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     header("targets of issue 3", f"whole suite: {time.perf_counter() - started:.0f} s")
     verdict_table(verdicts)
-    print(
-        "\nThe GPU figure (issue 3, item 5: benchmark (a) on a GPU with a GPT-2-small-sized model) is not measured by this suite."
-    )
+    if args.device == "cpu":
+        print(
+            "\nThe GPU figure (issue 3, item 5: benchmark (a) on a GPU with a GPT-2-small-sized model) is not "
+            "measured by this suite."
+        )
 
 
 if __name__ == "__main__":

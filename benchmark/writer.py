@@ -6,7 +6,7 @@ Each run writes K buffers of M MiB of float32 activations (rows x 128 x 256, plu
 one file per buffer, and fsyncs each file:
 
 - raw: the same bytes with one sequential `write` + fsync per file (the floor);
-- write_arrow_file: sae_cache.arrow_format's Arrow IPC writer (what every shard goes through);
+- ArrowFileWriter: sae_cache.arrow_format's Arrow IPC writer (what every shard goes through);
 - ShardWriter: the background writer thread (submit/close, manifest, rename) around it, each buffer
   submitted in the runner's pieces (a quarter buffer, at most 64 MiB: one record batch each), through
   the page cache (the runner's shards when shuffle=True, read back by the shuffle);
@@ -20,11 +20,19 @@ Target (issue 3, 1c): sae_cache's writer >= 70% of raw.
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 from benchmark._common import (
     CONTEXT,
+    D_MODEL,
+    HOOK,
+    Job,
     Verdict,
     alternate,
     best,
+    entry,
     f0,
     f2,
     f3,
@@ -35,40 +43,139 @@ from benchmark._common import (
     table,
     times,
 )
+from benchmark._measure import Timed
+from benchmark._setup import rows_in, synthetic_columns
 
 TARGET = 0.70
+MODES = {
+    "raw write + fsync": "raw",
+    "ArrowFileWriter": "arrow",
+    "ShardWriter": "shardwriter",
+    "ShardWriter, direct_io": "shardwriter_direct",
+    "datasets save_to_disk": "datasets",
+}
+OURS = ("ArrowFileWriter", "ShardWriter", "ShardWriter, direct_io")
+COLUMNS = [
+    "writer",
+    "MB",
+    "best s",
+    "all runs s",
+    "MB/s",
+    "vs raw",
+    "CPU s",
+    "RSS before MiB",
+    "peak RSS MiB",
+    "file bytes / raw acts",
+]
 
 
-def main(argv: list[str] | None = None) -> list[Verdict]:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--buffer-mib", type=int, default=None, help="MiB of activations per buffer (default 256)")
-    p.add_argument("--buffers", type=int, default=None, help="buffers per run (default 4)")
-    p.add_argument("--no-datasets", action="store_true", help="skip the datasets save_to_disk reference row")
-    args = parse(p, argv)
-    buffer_mib = args.buffer_mib or (8 if args.quick else 256)
-    n_buffers = args.buffers or (2 if args.quick else 4)
-    reps = args.reps or (1 if args.quick else 5)
-    modes = {
-        "raw write + fsync": "raw",
-        "write_arrow_file": "arrow",
-        "ShardWriter": "shardwriter",
-        "ShardWriter, direct_io": "shardwriter_direct",
-    }
-    if not args.no_datasets:
-        modes["datasets save_to_disk"] = "datasets"
-    with scratch("writer") as tmp:
-        specs = {
-            name: dict(
-                task="write",
-                mode=mode,
-                directory=str(tmp / mode),
-                buffer_mib=buffer_mib,
-                n_buffers=n_buffers,
-                context=CONTEXT,
-            )
-            for name, mode in modes.items()
-        }
-        runs = alternate(specs, reps)
+# -- the measured task: one way of writing each ---------------------------------------------------------
+# Each factory imports what its writer needs (before the clock starts) and returns write(out, columns, n, features).
+
+
+def _raw():
+    def write(out: Path, columns: dict, n_buffers: int, features) -> None:
+        for i in range(n_buffers):
+            with open(out / f"raw_{i:05d}.bin", "wb") as f:
+                for v in columns.values():
+                    f.write(memoryview(v).cast("B"))
+                f.flush()
+                os.fsync(f.fileno())
+
+    return write
+
+
+def _arrow():
+    from sae_cache.arrow_format import ArrowFileWriter
+
+    def write(out: Path, columns: dict, n_buffers: int, features) -> None:
+        for i in range(n_buffers):
+            writer = ArrowFileWriter(out / f"data-{i:05d}.arrow", features)
+            writer.write(columns)
+            writer.close()
+
+    return write
+
+
+def _shard_writer(direct_io: bool):
+    """Each buffer submitted to a ShardWriter in the runner's pieces (a quarter buffer, <= 64 MiB)."""
+    import torch
+
+    from sae_cache.publish import ShardFiles
+    from sae_cache.store import Piece
+    from sae_cache.writer import ShardWriter
+
+    def write(out: Path, columns: dict, n_buffers: int, features) -> None:
+        tensors = {k: torch.from_numpy(v) for k, v in columns.items()}
+        rows = len(tensors["token_ids"])
+        piece = max(1, min(-(-rows // 4), rows_in(64, columns[HOOK].shape[1])))
+        with ShardWriter(ShardFiles(out), features, direct_io=direct_io) as writer:
+            for i in range(n_buffers):
+                for start in range(0, rows, piece):
+                    part = {k: v[start : start + piece] for k, v in tensors.items()}
+                    last = start + piece >= rows
+                    writer.submit(Piece(i, part, len(part["token_ids"]), first=start == 0, last=last), {"stats": {}})
+
+    return write
+
+
+def _datasets():
+    """SAELens's path: Dataset.from_dict(tensors).save_to_disk (no fsync)."""
+    import torch
+    from datasets import Dataset
+
+    def write(out: Path, columns: dict, n_buffers: int, features) -> None:
+        tensors = {k: torch.from_numpy(v) for k, v in columns.items()}
+        for i in range(n_buffers):
+            Dataset.from_dict(tensors, features=features).save_to_disk(str(out / f"shard_{i:05d}"), num_shards=1)
+
+    return write
+
+
+WRITERS = {
+    "raw": _raw,
+    "arrow": _arrow,
+    "shardwriter": lambda: _shard_writer(direct_io=False),
+    "shardwriter_direct": lambda: _shard_writer(direct_io=True),
+    "datasets": _datasets,
+}
+
+
+def task_write(mode: str, directory: str, buffer_mib: int, n_buffers: int, context: int) -> dict:
+    """Write n_buffers synthetic buffers of buffer_mib MiB of activations (+ token ids) one file each."""
+    import numpy as np
+
+    from sae_cache.arrow_format import cache_features
+
+    write = WRITERS[mode]()
+    rows = rows_in(buffer_mib, context)
+    columns = synthetic_columns(rows, context)
+    payload = sum(v.nbytes for v in columns.values())
+    features = cache_features({HOOK: D_MODEL}, context, "float32")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    with Timed() as t:
+        write(out, columns, n_buffers, features)
+    data_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.suffix in (".arrow", ".bin"))
+    shutil.rmtree(out, ignore_errors=True)
+    del columns
+    return t.result(
+        bytes=payload * n_buffers,
+        act_bytes=rows * context * D_MODEL * 4 * n_buffers,
+        data_bytes=data_bytes,
+        rows=rows,
+        np_version=np.__version__,
+    )
+
+
+TASKS = {"write": task_write}
+
+
+# -- the driver ---------------------------------------------------------------------------------------
+
+
+def report(runs: dict[str, list[dict]], modes: list[str], buffer_mib: int, n_buffers: int, reps: int) -> float:
+    """Print the table and the ratio; return sae_cache's slowest writer / raw, MB/s."""
     header(
         "(c) the writer alone: synthetic buffers, no model",
         f"{n_buffers} buffers x {buffer_mib} MiB of float32 activations (d 256, context {CONTEXT}) + int32 token ids, "
@@ -94,44 +201,44 @@ def main(argv: list[str] | None = None) -> list[Verdict]:
                 f3(r["data_bytes"] / r["act_bytes"]),
             ]
         )
-    table(
-        [
-            "writer",
-            "MB",
-            "best s",
-            "all runs s",
-            "MB/s",
-            "vs raw",
-            "CPU s",
-            "RSS before MiB",
-            "peak RSS MiB",
-            "file bytes / raw acts",
-        ],
-        rows,
-    )
-    ours = ("write_arrow_file", "ShardWriter", "ShardWriter, direct_io")
-    arrow = best(runs["write_arrow_file"])
-    ratio = min(best(runs[name])["bytes"] / best(runs[name])["seconds"] for name in ours) / raw_rate
+    table(COLUMNS, rows)
+    ratio = min(best(runs[name])["bytes"] / best(runs[name])["seconds"] for name in OURS) / raw_rate
     paired = [
         r["seconds"] / max(x["seconds"] for x in xs)
-        for r, *xs in zip(runs["raw write + fsync"], *(runs[n] for n in ours))
+        for r, *xs in zip(runs["raw write + fsync"], *(runs[n] for n in OURS))
     ]
     print(
-        f"\nsae_cache writer / raw MB/s: **{ratio:.3f}** (the slowest of {', '.join(ours)}, best vs best; "
+        f"\nsae_cache writer / raw MB/s: **{ratio:.3f}** (the slowest of {', '.join(OURS)}, best vs best; "
         f"per round {', '.join(f'{x:.3f}' for x in paired)})"
     )
+    return ratio
+
+
+def verdicts(ratio: float, arrow: dict, quick: bool) -> list[Verdict]:
+    file_ratio = arrow["data_bytes"] / arrow["act_bytes"]
     return [
-        Verdict(
-            "1c writer / raw write+fsync MB/s", f"{ratio:.3f}", f">= {TARGET}", None if args.quick else ratio >= TARGET
-        ),
-        Verdict(
-            "1d arrow file bytes / raw activation bytes",
-            f"{arrow['data_bytes'] / arrow['act_bytes']:.4f}",
-            "<= 1.02",
-            arrow["data_bytes"] / arrow["act_bytes"] <= 1.02,
-        ),
+        Verdict("1c writer / raw write+fsync MB/s", f"{ratio:.3f}", f">= {TARGET}", None if quick else ratio >= TARGET),
+        Verdict("1d arrow file bytes / raw activation bytes", f"{file_ratio:.4f}", "<= 1.02", file_ratio <= 1.02),
     ]
+
+
+def main(argv: list[str] | None = None) -> list[Verdict]:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--buffer-mib", type=int, default=None, help="MiB of activations per buffer (default 256)")
+    p.add_argument("--buffers", type=int, default=None, help="buffers per run (default 4)")
+    p.add_argument("--no-datasets", action="store_true", help="skip the datasets save_to_disk reference row")
+    args = parse(p, argv)
+    buffer_mib = args.buffer_mib or (8 if args.quick else 256)
+    n_buffers = args.buffers or (2 if args.quick else 4)
+    reps = args.reps or (1 if args.quick else 5)
+    modes = [name for name in MODES if not (args.no_datasets and MODES[name] == "datasets")]
+    with scratch("writer") as tmp:
+        args_of = dict(buffer_mib=buffer_mib, n_buffers=n_buffers, context=CONTEXT)
+        jobs = {n: Job("writer", "write", dict(args_of, mode=MODES[n], directory=str(tmp / MODES[n]))) for n in modes}
+        runs = alternate(jobs, reps)
+    ratio = report(runs, modes, buffer_mib, n_buffers, reps)
+    return verdicts(ratio, best(runs["ArrowFileWriter"]), args.quick)
 
 
 if __name__ == "__main__":
-    main()
+    entry(main, TASKS)
