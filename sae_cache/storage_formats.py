@@ -101,7 +101,7 @@ class _BFloat16Bits(StorageFormat):
         return {self.values_column(hook): acts.to(torch.bfloat16).view(torch.uint16)}
 
     def recipe(self, hook: str) -> str:
-        return "decode with torch.from_numpy(values).view(torch.bfloat16)"
+        return "decode with torch.from_numpy(values.astype(numpy.uint16)).view(torch.bfloat16)"
 
     def decode(self, values, scale=None, *, dtype=None, device=None) -> torch.Tensor:
         return values.to(device=device).view(torch.bfloat16).to(dtype or self.default_dtype)
