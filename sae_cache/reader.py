@@ -53,7 +53,8 @@ class CachedActivations:
         return self._batches[0][TOKEN_IDS].shape[1]
 
     def d_in(self, hook: str | None = None) -> int:
-        return self._batches[0][self._columns(hook)[1][1]].shape[-1]
+        _, (_, values, *_) = self._columns(hook)
+        return self._batches[0][values].shape[-1]
 
     @property
     def n_tokens(self) -> int:
@@ -99,10 +100,10 @@ class CachedActivations:
         if not 0 <= start <= stop <= self.n_rows:
             raise ValueError(f"rows {start}..{stop} are not within the cache's {self.n_rows} rows.")
         fmt, columns = self._columns(hook)
-        first, last = np.searchsorted(self._starts, [start, stop], side="right") - 1
+        first, last = np.minimum(np.searchsorted(self._starts, [start, stop], side="right") - 1, len(self._batches) - 1)
         parts = [
             [self._batches[b][c][max(start - self._starts[b], 0) : stop - self._starts[b]] for c in columns]
-            for b in range(first, min(last, len(self._batches) - 1) + 1)
+            for b in range(first, last + 1)
         ]
         return _decode(fmt, _concatenate(parts), dtype, device)
 

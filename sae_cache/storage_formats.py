@@ -145,7 +145,10 @@ FORMATS: dict[str, StorageFormat] = {
     "float16": StorageFormat("float16", "float16"),
     "float64": StorageFormat("float64", "float64"),
     "bfloat16": _BFloat16Bits(
-        "bfloat16", "uint16", ".bfloat16_bits", "bfloat16 bit patterns stored as uint16 (bit exact)"
+        "bfloat16",
+        "uint16",
+        ".bfloat16_bits",
+        "bfloat16 values as uint16 bit patterns (bit exact from a bfloat16 model)",
     ),
     "int8": _Int8Absmax("int8", "int8", ".int8", "int8 values with a float32 scale per position (absmax / 127)"),
 }
@@ -202,4 +205,4 @@ def compact_description(formats: dict[str, StorageFormat]) -> str:
 
 
 def _itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return getattr(torch, dtype).itemsize

@@ -162,6 +162,10 @@ def test_reader_batches_decode_to_the_dtype_asked(caches):
     assert torch.equal(torch.cat([t for _, t in in_order]), tokens.reshape(-1)[: len(in_order) * 96])
     half = next(reader.batches(96, hook=HOOK, dtype=torch.float16))[0]
     assert half.dtype == torch.float16 and torch.equal(half, in_order[0][0].half())
+    for start, stop in ((0, 0), (40, 40), (3, 17), (7, 8), (12, 40)):  # within and across record batches
+        assert torch.equal(reader.rows(start, stop, hook=HOOK)[0], rows[start:stop])
+    with pytest.raises(ValueError, match="not within"):
+        reader.rows(30, 41, hook=HOOK)
     shuffled = torch.cat([a for a, _ in reader.batches(64, hook=HOOK, shuffle=True, seed=1)])
     key = lambda t: sorted(map(bytes, t.numpy()))  # noqa: E731
     assert key(shuffled) == key(rows.reshape(-1, 32))
