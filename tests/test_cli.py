@@ -54,7 +54,8 @@ def test_a_real_process_prints_no_traceback():
 def test_config_file_then_flags(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text(
-        "hook_name: [blocks.0.hook_resid_post, blocks.1.hook_mlp_out]\nseqpos_slice: [1, null]\ncontext_size: 32\nmodel_kwargs: {a: 1}\n"
+        "hook_name: [blocks.0.hook_resid_post, blocks.1.hook_mlp_out]\n"
+        "seqpos_slice: [1, null]\ncontext_size: 32\nmodel_kwargs: {a: 1}\n"
     )
     cfg, _ = cli.parse_config(["--config", str(path), "--context_size", "64", "--exclude_special_tokens", "false"])
     assert cfg.hook_names == ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
