@@ -3,7 +3,9 @@
 A cache directory holds `data-XXXXX-of-NNNNN.arrow` files (Arrow IPC streams whose schema carries datasets'
 `huggingface` metadata), `state.json`, `dataset_info.json` (and our metadata file, which datasets ignores:
 sae_cache.metadata). Activations are datasets' `Array2D(shape=(sliced_context_size, d), dtype)` columns, one per
-hook, and token ids a `Sequence(Value("int32"), length=sliced_context_size)` column; position-targeted caches add
+hook, or the columns of a compact storage format (sae_cache.storage_formats: uint16 bfloat16 patterns, int8 values
+and a `Sequence(Value("float32"))` of scales), which `dataset_info.json`'s description names; token ids are a
+`Sequence(Value("int32"), length=sliced_context_size)` column; position-targeted caches add
 variable-length token ids, positions, a source index and labels. Files are written with pyarrow directly from the
 arrays' memory (no per-element Python work, no extra full copy) and read back zero-copy from memory maps. The round
 trip through `datasets.load_from_disk` is tested in tests/test_arrow_format.py.
@@ -24,6 +26,7 @@ from datasets.features.features import Array2DExtensionType, List, get_nested_ty
 from sae_cache.columns import POSITIONS, SOURCE_INDEX, TOKEN_IDS
 from sae_cache.direct_io import DirectFile
 from sae_cache.files import fsync_path, write_json_atomic
+from sae_cache.storage_formats import compact_description, formats_of, storage_format
 
 STATE_FILE = "state.json"
 INFO_FILE = "dataset_info.json"
@@ -32,8 +35,17 @@ INFO_FILE = "dataset_info.json"
 def cache_features(
     hook_dims: dict[str, int], sliced_context_size: int, dtype: str, labels: dict[str, str] | None = None
 ) -> Features:
-    """The datasets Features of a cache: one Array2D column per hook, token_ids, then numeric label columns."""
-    columns: dict = {hook: Array2D(shape=(sliced_context_size, d), dtype=dtype) for hook, d in hook_dims.items()}
+    """The datasets Features of a cache: the column(s) of each hook in the storage format of `dtype` (an Array2D of
+    values, and for int8 a sequence of scales), token_ids, then numeric label columns."""
+    fmt = storage_format(dtype)
+    columns: dict = {}
+    for hook, d in hook_dims.items():
+        for name, (shape, column_dtype) in fmt.columns(hook, d).items():
+            columns[name] = (
+                Array2D(shape=(sliced_context_size, *shape), dtype=column_dtype)
+                if shape
+                else Sequence(Value(column_dtype), length=sliced_context_size)
+            )
     columns[TOKEN_IDS] = Sequence(Value("int32"), length=sliced_context_size)
     columns.update({name: Value(label_dtype) for name, label_dtype in (labels or {}).items()})
     return Features(columns)
@@ -62,9 +74,10 @@ def _array2d(values: np.ndarray, dtype: str) -> pa.ExtensionArray:
     return pa.ExtensionArray.from_storage(Array2DExtensionType((length, d), dtype), outer)
 
 
-def _token_array(token_ids: np.ndarray) -> pa.FixedSizeListArray:
-    rows, length = token_ids.shape
-    flat = pa.Array.from_buffers(pa.int32(), token_ids.size, [None, pa.py_buffer(token_ids)])
+def _fixed_list_array(values: np.ndarray) -> pa.FixedSizeListArray:
+    """A fixed-length list column (token ids, scales) over `values` (rows, length) without copying them."""
+    rows, length = values.shape
+    flat = pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), values.size, [None, pa.py_buffer(values)])
     return pa.FixedSizeListArray.from_arrays(flat, length)
 
 
@@ -73,8 +86,8 @@ def record_batch(features: Features, columns: dict[str, np.ndarray]) -> pa.Recor
     arrays = []
     for name, feature in features.items():
         values = np.ascontiguousarray(columns[name])
-        if name == TOKEN_IDS:
-            arrays.append(_token_array(values.astype(np.int32, copy=False)))
+        if isinstance(feature, List):
+            arrays.append(_fixed_list_array(values.astype(feature.feature.dtype, copy=False)))
         elif isinstance(feature, Value):
             arrays.append(pa.array(values.reshape(-1), type=feature.pa_type))
         else:
@@ -157,7 +170,8 @@ def file_offset(values: np.ndarray, base: int, size: int) -> int | None:
 
 
 def write_dataset_files(directory: Path, features: Features, file_names: list[str], fingerprint: str) -> None:
-    """Write datasets' `state.json` and `dataset_info.json` for the listed data files (metadata last)."""
+    """Write datasets' `state.json` and `dataset_info.json` for the listed data files (metadata last); the
+    description says how compact columns are decoded (`datasets.load_from_disk(...).info.description`)."""
     state = {
         "_data_files": [{"filename": name} for name in file_names],
         "_fingerprint": fingerprint,
@@ -167,7 +181,8 @@ def write_dataset_files(directory: Path, features: Features, file_names: list[st
         "_output_all_columns": False,
         "_split": None,
     }
-    info = {"citation": "", "description": "", "features": features.to_dict(), "homepage": "", "license": ""}
+    description = compact_description(formats_of(features.to_dict()))  # empty for SAELens's plain format
+    info = {"citation": "", "description": description, "features": features.to_dict(), "homepage": "", "license": ""}
     write_json_atomic(directory / INFO_FILE, info)
     write_json_atomic(directory / STATE_FILE, state)
 
@@ -222,7 +237,7 @@ def _column_array(feature, values) -> pa.Array:
     if isinstance(feature, List) and feature.feature == Value("int32"):
         if feature.length == -1:
             return ragged_int32_array(list(values))
-        return _token_array(np.ascontiguousarray(values).astype(np.int32, copy=False))
+        return _fixed_list_array(np.ascontiguousarray(values).astype(np.int32, copy=False))
     if isinstance(feature, Value):
         return pa.array(np.asarray(values), type=arrow_type)
     raise TypeError(f"no numpy conversion for feature {feature!r}: give its column as an Arrow array")

@@ -16,7 +16,7 @@ from typing import Any
 from sae_cache.columns import TOKEN_IDS
 from sae_cache.demo import DEMO_MODEL_NAME
 
-# Storage dtypes that the datasets Array2D format can hold, by every spelling we accept.
+# Storage dtypes that datasets' Array2D holds as they are (SAELens's plain format), by every spelling we accept.
 STORAGE_DTYPES: dict[str, str] = {
     "float32": "float32",
     "float16": "float16",
@@ -26,6 +26,8 @@ STORAGE_DTYPES: dict[str, str] = {
     "torch.float64": "float64",
 }
 MODEL_CLASSES = ("HookedTransformer", "AutoModelForCausalLM")  # what model_class_name may say, as in SAELens
+# Compact storage formats (sae_cache.storage_formats): bfloat16 as its 16-bit patterns, int8 with a scale per position.
+COMPACT_DTYPES: dict[str, str] = {"bfloat16": "bfloat16", "torch.bfloat16": "bfloat16", "int8": "int8"}
 SPECIAL_TOKEN_NAMES = ("bos", "eos", "sep")  # what sequence_separator_token may name besides a token id
 UNSET = -1
 
@@ -82,7 +84,10 @@ class CacheActivationsRunnerConfig:
     """Seed of every random choice (the on-disk shuffle)."""
 
     dtype: str = "float32"
-    """Storage dtype of the activations: float32, float16 or float64 (the Arrow format cannot hold bfloat16)."""
+    """Storage format of the activations. float32 (4 bytes a value), float16 (2) or float64 (8): SAELens's plain format,
+    one column named the hook. bfloat16 (2 bytes, bit exact: a bfloat16 model loses nothing) and int8 (1 byte, plus a
+    float32 scale per position; relative error about 0.8%) are compact: stored as uint16 bit patterns, or int8 values
+    with a scale column, read with CachedActivations or sae_cache.saelens.training_runner. Costs: docs/quality.md."""
 
     device: str = field(default_factory=default_device)
     """Device of the model: cuda when available, else cpu."""
@@ -238,14 +243,13 @@ def _normalise_hook_names(hook_name: str | list[str]) -> str | list[str]:
 
 def _normalise_dtype(dtype: Any) -> str:
     text = str(dtype)
-    if text in STORAGE_DTYPES:
-        return STORAGE_DTYPES[text]
-    if "bfloat16" in text:
-        raise ValueError(
-            "dtype='bfloat16' cannot be stored: datasets' Array2D (Arrow) format has no bfloat16. "
-            "Use dtype='float16' (half the bytes of float32) or 'float32'."
-        )
-    raise ValueError(f"dtype={dtype!r} is not supported: use one of float32, float16, float64.")
+    names = {**STORAGE_DTYPES, **COMPACT_DTYPES}
+    if text in names:
+        return names[text]
+    raise ValueError(
+        f"dtype={dtype!r} is not supported: use float32, float16 or float64 (SAELens's plain format), "
+        "or the compact bfloat16 or int8."
+    )
 
 
 def _check_sizes(cfg: CacheActivationsRunnerConfig) -> None:

@@ -1,8 +1,9 @@
 """`python -m sae_cache info DIR`: describe and check a finished cache of any kind.
 
 Owns the human-readable description of a cache on disk, read from its metadata file (the fields every
-kind records, then the details its kind records) and checked against its data: `datasets.load_from_disk`
-must open it with the row count the metadata claims.
+kind records, its storage format with the bytes per token and where its quality is measured, then the details
+its kind records) and checked against its data: `datasets.load_from_disk` must open it with the row count the
+metadata claims.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import datasets
 
 from sae_cache.files import read_json
 from sae_cache.metadata import METADATA_FILE
+from sae_cache.storage_formats import QUALITY_NOTE, storage_format
 
 
 def describe(path: Path) -> str:
@@ -28,6 +30,7 @@ def describe(path: Path) -> str:
     size = sum(f.stat().st_size for f in files)
     lines = [
         f"{path}: {_what(meta)}, {meta['dtype']}, {size / 1e9:.3f} GB in {len(files)} files",
+        *_storage(meta),
         *_details(meta),
         f"  model: {meta['config'].get('model_name', meta.get('model'))}, tokenizer: {meta.get('tokenizer')}",
     ]
@@ -52,6 +55,23 @@ def _what(meta: dict) -> str:
     if "sliced_context_size" in meta:
         return f"{meta['n_rows']:,} rows x {meta['sliced_context_size']} tokens ({meta['n_tokens']:,} tokens)"
     return f"{meta['n_rows']:,} rows"
+
+
+def _storage(meta: dict) -> list[str]:
+    """The lines on the storage format: what it stores, bytes per token against float32's, how to read it, its cost."""
+    fmt = storage_format(meta["dtype"])
+    storage = meta.get("storage")
+    lines = [f"  storage: {fmt.name}, {fmt.description}"]
+    if storage:
+        ratio = storage["bytes_per_token"] / storage["float32_bytes_per_token"]
+        lines.append(
+            f"  bytes per token: {storage['bytes_per_token']:.1f} (float32: {storage['float32_bytes_per_token']:.1f}, "
+            f"ratio {ratio:.3f})"
+        )
+    if not fmt.plain:
+        lines.append("  read with: sae_cache.CachedActivations, or sae_cache.saelens.training_runner(cfg) for SAELens")
+    lines.append(f"  quality of each format: {storage['quality'] if storage else QUALITY_NOTE}")
+    return lines
 
 
 def _details(meta: dict) -> list[str]:

@@ -1,7 +1,8 @@
 """The metadata file of a cache (`sae_cache.json`), which `datasets.load_from_disk` ignores.
 
-Owns what it records for every kind of cache (kind, rows, storage dtype, hooks with their widths and
-statistics, tokenizer, config, versions, plus the kind's own details), which config fields change the
+Owns what it records for every kind of cache (kind, rows, storage dtype, hooks with their widths, columns and
+statistics, tokenizer, config, versions, plus the kind's own details: a cache of token rows records its storage
+format's bytes per token and where its quality is measured), which config fields change the
 output, and the run's identity built from them: the fingerprint datasets keys on, and what a resume
 must reproduce.
 """
@@ -13,8 +14,9 @@ import time
 from importlib import metadata as importlib_metadata
 
 from sae_cache.config import CacheActivationsRunnerConfig
-from sae_cache.plan import CachePlan
+from sae_cache.plan import CachePlan, row_bytes
 from sae_cache.stats import HookStats
+from sae_cache.storage_formats import QUALITY_NOTE, storage_format
 
 METADATA_FILE = "sae_cache.json"
 FORMAT_VERSION = 1
@@ -72,7 +74,11 @@ def build_metadata(
         "n_rows": n_rows,
         "dtype": dtype,
         "hooks": {
-            hook: {"d_in": d, "stats": stats[hook].to_dict(d) if hook in stats else None}
+            hook: {
+                "d_in": d,
+                "columns": list(storage_format(dtype).columns(hook, d)),
+                "stats": stats[hook].to_dict(d) if hook in stats else None,
+            }
             for hook, d in hook_dims.items()
         },
         "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
@@ -98,8 +104,23 @@ def activations_metadata(
         shuffled=cfg.shuffle,
         shuffled_across_sequences=cfg.shuffle_across_sequences,
         world_size=world_size,
+        storage=storage_summary(plan.hook_dims, plan.sliced_context_size, cfg.dtype),
         plan=plan.to_dict(),
     )
+
+
+def storage_summary(hook_dims: dict[str, int], sliced_context_size: int, dtype: str) -> dict:
+    """The storage format of a cache of token rows: what it stores, its bytes per token on disk beside float32's,
+    and where its cost to SAE quality is measured."""
+    per_token = row_bytes(hook_dims, sliced_context_size, dtype)[1] / sliced_context_size
+    float32 = row_bytes(hook_dims, sliced_context_size, "float32")[1] / sliced_context_size
+    return {
+        "format": dtype,
+        "description": storage_format(dtype).description,
+        "bytes_per_token": per_token,
+        "float32_bytes_per_token": float32,
+        "quality": QUALITY_NOTE,
+    }
 
 
 def _version(package: str) -> str | None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
-import numpy as np
-
 from sae_cache.config import sliced_length
+from sae_cache.storage_formats import storage_format
 
 TOKEN_ID_BYTES = 4  # token_ids are stored as int32
 PIECE_BYTES = 64 << 20  # host memory is filled and written in pieces of at most this (and at most a quarter buffer)
 PIECES_PER_BUFFER = 4
-OFFSET_BYTES = 4  # Array2D stores list<list<...>>: one int32 offset per row and per position
+OFFSET_BYTES = 4  # Array2D stores list<list<...>>: one int32 offset per row and per position (scales have none)
 
 
 @dataclass(frozen=True)
@@ -100,11 +99,7 @@ def make_plan(
             f"training_tokens={training_tokens} is less than one row of {sliced_context_size} tokens: "
             "increase training_tokens."
         )
-    itemsize = np.dtype(dtype).itemsize
-    act_bytes_per_row = sum(sliced_context_size * d * itemsize for d in hook_dims.values())
-    offsets_per_row = len(hook_dims) * (sliced_context_size + 1) * OFFSET_BYTES
-    overhead_per_row = sliced_context_size * TOKEN_ID_BYTES + offsets_per_row
-    bytes_per_row = act_bytes_per_row + overhead_per_row
+    act_bytes_per_row, bytes_per_row = row_bytes(hook_dims, sliced_context_size, dtype)
     rows_per_buffer = min(_rows_per_buffer(buffer_size_gb, model_batch_size, bytes_per_row), n_rows)
     disk_bytes = n_rows * bytes_per_row
     # A shuffle keeps the unshuffled shards and its scratch copy until the shuffled cache is complete.
@@ -117,12 +112,21 @@ def make_plan(
         rows_per_buffer=rows_per_buffer,
         rows_per_piece=_rows_per_piece(rows_per_buffer, bytes_per_row),
         n_buffers=math.ceil(n_rows / rows_per_buffer),
-        itemsize=itemsize,
+        itemsize=storage_format(dtype).itemsize,
         bytes_per_row=bytes_per_row,
         activation_bytes=n_rows * act_bytes_per_row,
         disk_bytes=disk_bytes,
         peak_disk_bytes=peak_disk_bytes,
     )
+
+
+def row_bytes(hook_dims: dict[str, int], sliced_context_size: int, dtype: str) -> tuple[int, int]:
+    """Bytes of one row's activations (values and any scales) in the storage format `dtype`, and of the whole row on
+    disk: with the int32 token ids and the Array2D offsets."""
+    fmt = storage_format(dtype)
+    act_bytes = sum(sliced_context_size * fmt.bytes_per_position(d) for d in hook_dims.values())
+    offsets = len(hook_dims) * (sliced_context_size + 1) * OFFSET_BYTES
+    return act_bytes, act_bytes + sliced_context_size * TOKEN_ID_BYTES + offsets
 
 
 def _rows_per_buffer(buffer_size_gb: float, model_batch_size: int, bytes_per_row: int) -> int:

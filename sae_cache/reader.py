@@ -2,8 +2,10 @@
 
 Owns `CachedActivations`: open a cache directory written by sae_cache (or any datasets directory in
 the same format), and iterate batches of `batch_tokens` activations (with their token ids) for one
-hook, zero-copy from the memory-mapped Arrow files in file order, or in a seeded random order of rows.
-It reads the layout through `sae_cache.arrow_format`, the module that writes it.
+hook, in file order or in a seeded random order of rows, or read a range of rows. Every storage format
+is decoded (sae_cache.storage_formats) to the dtype and device asked for; a plain format read in its own
+dtype on the CPU comes zero-copy from the memory-mapped Arrow files. It reads the layout through
+`sae_cache.arrow_format`, the module that writes it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sae_cache.arrow_format import INFO_FILE, STATE_FILE, read_arrow_columns
 from sae_cache.columns import TOKEN_IDS
 from sae_cache.files import read_json
 from sae_cache.metadata import METADATA_FILE
+from sae_cache.storage_formats import StorageFormat, formats_of
 
 
 class CachedActivations:
@@ -38,8 +41,11 @@ class CachedActivations:
                 f"{TOKEN_IDS!r} column): open it with datasets.load_from_disk."
             )
         self._batches = [batch for f in self.files for batch in read_arrow_columns(f)]
-        self.hook_names = [name for name, feature in features.items() if feature.get("_type") == "Array2D"]
+        self.formats: dict[str, StorageFormat] = formats_of(features)
+        """Each hook and its storage format."""
+        self.hook_names = list(self.formats)
         self.n_rows = sum(len(b[TOKEN_IDS]) for b in self._batches)
+        self._starts = np.cumsum([0] + [len(b[TOKEN_IDS]) for b in self._batches])
 
     @property
     def sliced_context_size(self) -> int:
@@ -47,7 +53,8 @@ class CachedActivations:
         return self._batches[0][TOKEN_IDS].shape[1]
 
     def d_in(self, hook: str | None = None) -> int:
-        return self._batches[0][self._hook(hook)].shape[-1]
+        _, (_, values, *_) = self._columns(hook)
+        return self._batches[0][values].shape[-1]
 
     @property
     def n_tokens(self) -> int:
@@ -64,15 +71,47 @@ class CachedActivations:
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (acts [tokens, d_in], token_ids [tokens]) batches of `batch_tokens` tokens.
+        """Yield (acts [tokens, d_in], token_ids [tokens]) batches of `batch_tokens` tokens, both on `device`.
 
-        In file order a batch inside one record batch is a zero-copy view of the memory map; shuffle=True
-        visits the rows in a random order from `seed` (rows are gathered, so those batches are copies).
+        acts are decoded to `dtype` (default: a plain format's own dtype, float32 for a compact one) on `device`
+        (default: the CPU). A plain format in its own dtype on the CPU, in file order, gives zero-copy views of
+        the memory map within a record batch; shuffle=True visits the rows in a random order from `seed` (rows
+        are gathered, so those batches are copies).
         """
+        fmt, columns = self._columns(hook)
+        units = self._shuffled_units(columns, batch_tokens, seed) if shuffle else self._file_units(columns)
+        for arrays in _rebatch(units, batch_tokens, drop_last):
+            yield _decode(fmt, arrays, dtype, device)
+
+    def rows(
+        self,
+        start: int,
+        stop: int,
+        *,
+        hook: str | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows start..stop-1 in file order: (acts [rows, positions, d_in], token_ids [rows, positions]) decoded as
+        in `batches`."""
+        if not 0 <= start <= stop <= self.n_rows:
+            raise ValueError(f"rows {start}..{stop} are not within the cache's {self.n_rows} rows.")
+        fmt, columns = self._columns(hook)
+        first, last = np.minimum(np.searchsorted(self._starts, [start, stop], side="right") - 1, len(self._batches) - 1)
+        parts = [
+            [self._batches[b][c][max(start - self._starts[b], 0) : stop - self._starts[b]] for c in columns]
+            for b in range(first, last + 1)
+        ]
+        return _decode(fmt, _concatenate(parts), dtype, device)
+
+    def _columns(self, hook: str | None) -> tuple[StorageFormat, list[str]]:
+        """The format of `hook` and the columns read for it: token ids, the stored values, and any scales."""
         hook = self._hook(hook)
-        units = self._shuffled_units(hook, batch_tokens, seed) if shuffle else self._file_units(hook)
-        yield from _rebatch(units, batch_tokens, drop_last)
+        fmt = self.formats[hook]
+        return fmt, [TOKEN_IDS, fmt.values_column(hook)] + [c for c in [fmt.scale_column(hook)] if c is not None]
 
     def _hook(self, hook: str | None) -> str:
         if hook is None:
@@ -83,48 +122,57 @@ class CachedActivations:
             raise ValueError(f"hook {hook!r} is not in this cache; it holds {self.hook_names}.")
         return hook
 
-    def _file_units(self, hook: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _file_units(self, columns: list[str]) -> Iterator[list[np.ndarray]]:
         for batch in self._batches:
-            acts = batch[hook]
-            yield acts.reshape(-1, acts.shape[-1]), batch[TOKEN_IDS].reshape(-1)
+            yield [_items(batch[c]) for c in columns]
 
-    def _shuffled_units(self, hook: str, batch_tokens: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        starts = np.cumsum([0] + [len(b[TOKEN_IDS]) for b in self._batches])
+    def _shuffled_units(self, columns: list[str], batch_tokens: int, seed: int) -> Iterator[list[np.ndarray]]:
         order = np.random.default_rng(seed).permutation(self.n_rows)
         rows_per_step = max(1, batch_tokens // self.sliced_context_size)
         for i in range(0, len(order), rows_per_step):
             rows = order[i : i + rows_per_step]
-            which = np.searchsorted(starts, rows, side="right") - 1
-            acts = np.stack([self._batches[w][hook][r - starts[w]] for w, r in zip(which, rows)])
-            tokens = np.stack([self._batches[w][TOKEN_IDS][r - starts[w]] for w, r in zip(which, rows)])
-            yield acts.reshape(-1, acts.shape[-1]), tokens.reshape(-1)
+            which = np.searchsorted(self._starts, rows, side="right") - 1
+            yield [
+                _items(np.stack([self._batches[w][c][r - self._starts[w]] for w, r in zip(which, rows)]))
+                for c in columns
+            ]
 
 
-def _rebatch(
-    units: Iterator[tuple[np.ndarray, np.ndarray]], size: int, drop_last: bool
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Cut a stream of (acts, tokens) arrays into batches of `size` rows of acts."""
-    held: list[tuple[np.ndarray, np.ndarray]] = []
+def _items(values: np.ndarray) -> np.ndarray:
+    """A column's rows [rows, positions, ...] as positions [rows * positions, ...] (a view)."""
+    return values.reshape(-1, *values.shape[2:])
+
+
+def _rebatch(units: Iterator[list[np.ndarray]], size: int, drop_last: bool) -> Iterator[list[np.ndarray]]:
+    """Cut a stream of aligned column arrays (token ids first) into batches of `size` positions."""
+    held: list[list[np.ndarray]] = []
     held_n = 0
-    for acts, tokens in units:
-        start = 0
-        while start < len(acts):
-            take = min(size - held_n, len(acts) - start)
-            held.append((acts[start : start + take], tokens[start : start + take]))
+    for arrays in units:
+        start, n = 0, len(arrays[0])
+        while start < n:
+            take = min(size - held_n, n - start)
+            held.append([a[start : start + take] for a in arrays])
             held_n += take
             start += take
             if held_n == size:
-                yield _to_tensors(held)
+                yield _concatenate(held)
                 held, held_n = [], 0
     if held and not drop_last:
-        yield _to_tensors(held)
+        yield _concatenate(held)
 
 
-def _to_tensors(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(parts) == 1:
-        acts, tokens = parts[0]
-    else:
-        acts, tokens = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+def _concatenate(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Each column's parts joined (the part itself, no copy, when there is one)."""
+    return parts[0] if len(parts) == 1 else [np.concatenate(column) for column in zip(*parts)]
+
+
+def _decode(fmt: StorageFormat, arrays: list[np.ndarray], dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(acts, token_ids) of a hook's column arrays (token ids, values, any scales), decoded by its format."""
+    tokens, *stored = [_tensor(a) for a in arrays]
+    return fmt.decode(*stored, dtype=dtype, device=device), tokens.to(device)
+
+
+def _tensor(values: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(acts), torch.from_numpy(tokens)
+        return torch.from_numpy(values)

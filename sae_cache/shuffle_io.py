@@ -55,9 +55,10 @@ def item_layouts(features: Features, across: bool) -> dict[str, tuple[tuple[int,
 
 
 def as_items(columns: dict[str, np.ndarray], across: bool) -> dict[str, np.ndarray]:
-    """Columns viewed as one item per row (rows mode) or per position (across sequences), 2-D."""
+    """Columns viewed as one item per row (rows mode) or per position (across sequences), 2-D: across sequences, a
+    (rows, positions, d) column gives d values per item, a (rows, positions) one (token ids, scales) one value."""
     if across:
-        return {k: v.reshape(-1, v.shape[-1]) if k != TOKEN_IDS else v.reshape(-1, 1) for k, v in columns.items()}
+        return {k: v.reshape(-1, v.shape[-1]) if v.ndim == 3 else v.reshape(-1, 1) for k, v in columns.items()}
     return {k: v.reshape(len(v), -1) for k, v in columns.items()}
 
 

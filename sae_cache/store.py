@@ -2,7 +2,8 @@
 
 Owns batching token rows, one forward pass per batch (on a CPU model, `forward_threads` passes at
 once on a thread pool, results taken in batch order, so the output does not depend on the thread
-count), moving activations to host memory in the storage dtype, float16 overflow detection,
+count), encoding activations in the storage format on the model's device (sae_cache.storage_formats) and moving
+them to host memory, float16 overflow detection,
 per-hook statistics, and cutting the stream into buffers of exactly `plan.rows_in_buffer(i)` rows,
 each filled and handed on in pieces of at most `plan.rows_per_piece` rows (host memory holds a few
 pieces, not whole buffers). With `exclude_token_ids`, the excluded tokens' positions are dropped and
@@ -35,6 +36,7 @@ from sae_cache.columns import TOKEN_IDS
 from sae_cache.model import HookCapture, ModelAdapter
 from sae_cache.plan import CachePlan
 from sae_cache.stats import HookStats
+from sae_cache.storage_formats import storage_format
 
 
 class Float16OverflowError(ValueError):
@@ -62,14 +64,19 @@ def allocate_piece(
     hook_dims: dict[str, int],
     rows: int,
     sliced_context_size: int,
-    dtype: torch.dtype,
+    dtype: str,
     *,
     pin: bool,
     labels: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Host tensors for one piece: (rows, positions, d) per hook, (rows, positions) int32 token ids, (rows,) a label."""
+    """Host tensors for one piece: each hook's stored columns in the storage format `dtype` ((rows, positions, d)
+    values, (rows, positions) scales), (rows, positions) int32 token ids, (rows,) a label."""
     shape = (rows, sliced_context_size)
-    tensors = {hook: torch.empty((*shape, d), dtype=dtype, pin_memory=pin) for hook, d in hook_dims.items()}
+    tensors = {
+        name: torch.empty((*shape, *per_position), dtype=getattr(torch, column_dtype), pin_memory=pin)
+        for hook, d in hook_dims.items()
+        for name, (per_position, column_dtype) in storage_format(dtype).columns(hook, d).items()
+    }
     tensors[TOKEN_IDS] = torch.empty(shape, dtype=torch.int32, pin_memory=pin)
     tensors.update({name: torch.empty(rows, dtype=getattr(torch, kind)) for name, kind in (labels or {}).items()})
     return tensors
@@ -80,7 +87,7 @@ class _BatchItems:
     """The output items (rows, or kept positions) of one batch: activations still on the model's device."""
 
     batch: int
-    acts: dict[str, torch.Tensor]  # hook -> [items, item width], storage dtype
+    acts: dict[str, torch.Tensor]  # stored column -> [items, item width], in the storage format
     tokens: torch.Tensor  # [items, tokens per item], host
     item_stats: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [rows, 1], host
@@ -112,7 +119,7 @@ class ActivationsStore:
         self.plan = plan
         self.batch_size = batch_size
         self.positions = slice(*seqpos_slice)
-        self.storage_dtype = getattr(torch, dtype)
+        self.storage = storage_format(dtype)
         self.autocast = autocast
         self.model_kwargs = model_kwargs or {}
         self.exclude = None if exclude_token_ids is None else torch.tensor(sorted(exclude_token_ids))
@@ -134,7 +141,7 @@ class ActivationsStore:
             plan.hook_dims,
             plan.rows_per_piece,
             plan.sliced_context_size,
-            self.storage_dtype,
+            self.storage.name,
             pin=pin,
             labels=self.label_dtypes,
         )
@@ -203,7 +210,8 @@ class ActivationsStore:
         n = stop - start
         for hook in self.hooks:
             self.stats[hook].add(batch.item_stats[hook][start:stop])
-            dest[hook][at : at + n].copy_(batch.acts[hook][start:stop], non_blocking=True)
+        for name, values in batch.acts.items():
+            dest[name][at : at + n].copy_(values[start:stop], non_blocking=True)
         dest[TOKEN_IDS][at : at + n].copy_(batch.tokens[start:stop])
         self.on_tokens(dest[TOKEN_IDS][at : at + n].numel())
         for name, values in batch.labels.items():
@@ -250,7 +258,7 @@ class ActivationsStore:
     def _compute(
         self, capture: HookCapture, batch_index: int, tokens_BL: torch.Tensor, labels: dict[str, torch.Tensor]
     ) -> _BatchItems:
-        """One batch's forward pass, storage cast and per-item statistics (may run on a forward thread)."""
+        """One batch's forward pass, storage encoding and per-item statistics (may run on a forward thread)."""
         acts = capture(tokens_BL.to(self.device))
         tokens_BL = tokens_BL[:, self.positions]
         keep = None
@@ -262,9 +270,9 @@ class ActivationsStore:
         for hook, act in acts.items():
             if keep is not None:
                 act = act.reshape(-1, act.shape[-1])[keep.to(act.device)]
-            stored = act.to(self.storage_dtype)
-            output.item_stats[hook] = HookStats.per_item(act, stored).cpu()
-            output.acts[hook] = stored.reshape(n_items, -1)
+            stored = self.storage.encode(hook, act)  # on the model's device, before the copy to host
+            output.item_stats[hook] = HookStats.per_item(act, stored[self.storage.values_column(hook)]).cpu()
+            output.acts.update({name: values.reshape(n_items, -1) for name, values in stored.items()})
         return output
 
     def _check_overflow(self, hook: str, item_stats: torch.Tensor) -> None:

@@ -31,7 +31,7 @@ def test_help_lists_every_field_with_its_docstring():
         (["--model_batch_size", "0"], "model_batch_size"),
         (["--shuffle", "perhaps"], "expected true or false"),
         (["--no_such_flag", "1"], "unrecognized arguments"),
-        (["--dtype", "bfloat16"], "bfloat16"),
+        (["--dtype", "float8"], "float8"),
         (["--shuffle", "false", "--shuffle_across_sequences", "true"], "requires shuffle=True"),
         (["--model_kwargs", "{not json"], "expected JSON"),
         (["--config", "/nonexistent/cfg.yaml"], "no such file"),
