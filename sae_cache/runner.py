@@ -14,7 +14,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +285,7 @@ class CacheActivationsRunner:
         store.on_tokens = progress.update
         with writer, progress:
             for piece in store.pieces(resume["next_batch"], resume["next_skip"], done, acquire=writer.acquire):
-                writer.submit(piece, {"stats": {h: asdict(st) for h, st in store.stats.items()}})
+                writer.submit(piece)
 
     def _make_store(self, plan: CachePlan) -> ActivationsStore:
         cfg, resolved = self.cfg, self._resolve()
