@@ -88,15 +88,15 @@ class PlacedWriter(PieceWriter):
         batch_size: int,
         ranks: Ranks,
         direct_io: bool = True,
-        background: bool = True,
-        pool_size: int = 3,
+        **options,
     ) -> None:
+        """options: PieceWriter's (background, pool_size)."""
         self.plan, self.features, self.batch_size, self.ranks = plan, features, batch_size, ranks
         self.places = row_places(seed, plan.n_rows)
         self.out = PositionedFiles([staging / name for name in file_names(plan)], direct=direct_io)
         self._layouts: dict[tuple[int, ...], FileLayout] = {}
         self._next_row = 0  # this rank's row that the next piece starts with
-        super().__init__(files, background=background, pool_size=pool_size)
+        super().__init__(files, **options)
 
     def close(self) -> None:
         try:

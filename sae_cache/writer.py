@@ -130,19 +130,12 @@ class PieceWriter:
 class ShardWriter(PieceWriter):
     """Writes the pieces of buffers as shards, in order."""
 
-    def __init__(
-        self,
-        files: ShardFiles,
-        features: Features,
-        *,
-        background: bool = True,
-        pool_size: int = 3,
-        direct_io: bool = False,
-    ) -> None:
+    def __init__(self, files: ShardFiles, features: Features, *, direct_io: bool = False, **options) -> None:
+        """options: PieceWriter's (background, pool_size)."""
         self.features = features
         self.direct_io = direct_io  # write around the page cache (final shards, not ones about to be shuffled)
         self._open: ArrowFileWriter | None = None  # the shard being written, between its first and last piece
-        super().__init__(files, background=background, pool_size=pool_size)
+        super().__init__(files, **options)
 
     def _write(self, piece: Piece, manifest: dict) -> None:
         partial = self.files.partial(piece.index)
