@@ -7,9 +7,10 @@ the page cache with fsync, for reference); per model kind and model dtype, the b
 (the activations stay there), the plain loop that copies each batch's activations to the host with `.cpu()`,
 and sae_cache end to end with shuffle=False, shuffle=True (rows: written in place) and across sequences, each
 in float32 and float16 storage, with every ratio against the bound; the write path alone, fed by a synthetic
-producer on the device (no model: one random float16 batch recorded as the hook), shuffle=False and True; a
-torch.profiler trace of sae_cache showing whether consecutive forward passes run back to back (the gaps
-between the kernels of the compute stream); and the targets as verdict rows.
+producer on the device (no model: one random float16 batch recorded as the hook), shuffle=False and True (and
+True through the page cache, direct_io=False); a torch.profiler trace of sae_cache showing whether
+consecutive forward passes run back to back (the gaps between the kernels of the compute stream); and the
+targets as verdict rows.
 
 Defaults: GPT-2-small shape with random weights (12 layers, d_model 768, vocabulary 50,257), context 1024,
 batch 32, hook blocks.6.hook_resid_post (the pass stops after block 6), about 2.5M tokens per run, random
@@ -51,6 +52,11 @@ MODES = {  # sae_cache runs: name -> config fields
 }
 TARGETS = {"shuffle=False": 0.9, "shuffle=True (rows)": 0.8, "across sequences": 0.45}  # x the bound
 WRITE_PATH_TARGET = 2_000_000  # tokens/s of a 768-wide float16 hook, or the disk's bound if lower
+WRITE_PATH_RUNS = {  # the write path alone: name -> config fields
+    "shuffle=False": MODES["shuffle=False"],
+    "shuffle=True (rows)": MODES["shuffle=True (rows)"],
+    "shuffle=True (rows), direct_io=False": dict(MODES["shuffle=True (rows)"], direct_io=False),
+}
 
 
 @dataclass(frozen=True)
@@ -364,10 +370,10 @@ def measure_write_path(bench: Bench) -> None:
     disk_bound = bench.bound(None, "float16")
     target = min(WRITE_PATH_TARGET, 0.9 * disk_bound) if disk_bound else WRITE_PATH_TARGET
     rows = []
-    for mode in ("shuffle=False", "shuffle=True (rows)"):
+    for mode, fields in WRITE_PATH_RUNS.items():
         result = None
         if producer is not None:
-            run = lambda mode=mode: sae_cache_run(producer, bench, bench.args.tokens, dtype="float16", **MODES[mode])  # noqa: E731
+            run = lambda fields=fields: sae_cache_run(producer, bench, bench.args.tokens, dtype="float16", **fields)  # noqa: E731
             result = _attempt(f"write path {mode}", run)
         rate = None if result is None else result["tokens/s"]
         gb_s = None if rate is None else rate * bytes_per_token / 1e9

@@ -12,10 +12,12 @@ Where the OS has no O_DIRECT or the filesystem refuses it (tmpfs before Linux 6.
 filesystems: EINVAL at open or at a write), the same object writes through the page cache; `direct` says which.
 Files read back soon (shards that are about to be shuffled, the shuffle's buckets) do not use it.
 
-`PositionedFiles` writes into existing files at given offsets (the shuffle written in place): each write's
-whole pages around the page cache, from the same kind of staging buffer, and its partial first and last pages
-through it, so that a page is only ever written one way even where neighbouring writes (other rows, other
-processes) share it.
+`PositionedFiles` writes into existing files at given offsets (the shuffle written in place): the whole pages
+of a write of at least DIRECT_MIN_BYTES around the page cache, from the same kind of staging buffer, and its
+partial first and last pages through it, so that a page is only ever written one way even where neighbouring
+writes (other rows, other processes) share it. Smaller writes go through the page cache: one thread's
+synchronous direct writes of a few pages each wait on the disk's latency (on the development VM, 48 KiB rows
+written at random places: 0.30 GB/s direct, 0.57 through the page cache; 1.5 MiB rows: about the same).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import numpy as np
 
 ALIGN = 4096  # O_DIRECT offsets, lengths and addresses are multiples of the logical block size (512 or 4096)
 STAGE_BYTES = 8 << 20
-PAGE = max(ALIGN, mmap.PAGESIZE)  # PositionedFiles: the unit written around the page cache
+PAGE = max(ALIGN, mmap.PAGESIZE)  # PositionedFiles: the unit written around the page cache...
+DIRECT_MIN_BYTES = 1 << 20  # ...in writes of at least this many whole pages
 MAX_OPEN = 64  # PositionedFiles: files open at once
 
 
@@ -145,7 +148,7 @@ class PositionedFiles:
         buffered, direct = self._open(index)
         self._written.add(index)
         start, stop = -(-offset // PAGE) * PAGE, (offset + len(data)) // PAGE * PAGE
-        if direct is None or stop <= start:
+        if direct is None or stop - start < max(DIRECT_MIN_BYTES, PAGE):
             _pwrite_all(buffered, memoryview(data), offset)
             return
         _pwrite_all(buffered, memoryview(data[: start - offset]), offset)

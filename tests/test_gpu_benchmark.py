@@ -30,6 +30,7 @@ EXPECTED = {  # first cell(s) of a row -> how many numeric cells it must have
     **{(MODEL, "sae_cache shuffle=True (rows) (in place)", storage): 6 for storage in ("float32", "float16")},
     ("write path alone, shuffle=False",): 4,
     ("write path alone, shuffle=True (rows) (in place)",): 4,
+    ("write path alone, shuffle=True (rows), direct_io=False (in place)",): 4,
     **{
         (f"{MODEL}, {mode}, {storage} storage / bound",): 1
         for mode in ("shuffle=False", "shuffle=True (rows)", "across sequences")
@@ -37,6 +38,7 @@ EXPECTED = {  # first cell(s) of a row -> how many numeric cells it must have
     },
     ("write path alone, shuffle=False (tokens/s)",): 1,
     ("write path alone, shuffle=True (rows) (tokens/s)",): 1,
+    ("write path alone, shuffle=True (rows), direct_io=False (tokens/s)",): 1,
 }
 
 
@@ -66,7 +68,7 @@ def test_the_quick_cpu_run_prints_every_row(tmp_path):
         numbers = [cell for cell in found[0][len(key) :] if NUMBER.match(cell)]
         assert len(numbers) >= n_numbers, f"row {key} lacks numbers: {found[0]}"
     verdicts = [row for row in rows if row[-1] in ("met", "**not met**")]
-    assert len(verdicts) == 8
+    assert len(verdicts) == 9
     assert any(row[:2] == ["transformers float32", "not measured (not supported here yet)"] for row in rows)
     assert any(row[1:] == ["n/a (no CUDA device)"] * 5 for row in rows)  # the profile needs CUDA
     assert re.search(r"^total: \d+ s$", proc.stdout, re.M)

@@ -117,6 +117,7 @@ def test_bool_labels_are_bit_packed_so_rows_with_them_are_not_placed():
 @pytest.mark.parametrize("direct", [True, False])
 def test_positioned_files_write_exactly_the_bytes_asked(tmp_path, monkeypatch, direct):
     monkeypatch.setattr(direct_io, "MAX_OPEN", 2)  # files are closed and reopened, and synced after
+    monkeypatch.setattr(direct_io, "DIRECT_MIN_BYTES", 0)  # every whole page around the page cache
     rng = np.random.default_rng(1)
     sizes = [5 * direct_io.PAGE + 123, 3 * direct_io.PAGE, 40_000]
     expected = [np.zeros(n, np.uint8) for n in sizes]
@@ -211,7 +212,8 @@ def test_the_shuffle_of_shards_and_the_one_in_place_store_the_same_order(
     assert all(np.array_equal(a[name], b[name]) for name in a)
 
 
-def test_large_rows_are_placed_with_no_patch(make_cfg, text_dataset, model):
+def test_large_rows_are_placed_with_no_patch(make_cfg, text_dataset, model, monkeypatch):
+    monkeypatch.setattr(direct_io, "DIRECT_MIN_BYTES", 0)  # their whole pages go around the page cache too
     cfg = make_cfg(shuffle=True, dtype="float64", context_size=64, training_tokens=64 * 24)
     runner = CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model)
     assert runner.plan.bytes_per_row >= 16 << 10 and runner.plan.shuffle_in_place
