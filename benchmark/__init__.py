@@ -9,6 +9,7 @@ tiny smoke run, and writes its scratch data under a temporary directory that it 
 - `scaling` (e): 1x and 4x the tokens, time and peak RSS.
 - `shuffle` (f): shuffle=True vs False end to end, and `shuffle_shards` alone vs a plain copy.
 - `reader` (g): `CachedActivations.batches` vs a raw read of the same bytes.
+- `gpu`: one GPU against its bound (bare forward, disk), every shuffle mode; self-contained (issue 15).
 
 Peak RSS and bytes on disk over raw activation bytes (d) are columns of every table. Every measured
 run happens in a fresh subprocess (`benchmark._worker`), so its peak RSS (VmHWM) is its own.
