@@ -10,6 +10,7 @@ tiny smoke run, and writes its scratch data under a temporary directory that it 
 - `shuffle` (f): shuffle=True vs False end to end, and `shuffle_shards` alone vs a plain copy.
 - `reader` (g): `CachedActivations.batches` vs a raw read of the same bytes.
 - `breakdown`, `multi_hook`, `ranks_scaling`: diagnostics and the figures of issue 6 and of torchrun ranks.
+- `gpu`: one GPU against its bound (bare forward, disk), every shuffle mode; self-contained (issue 15).
 
 Peak RSS and bytes on disk over raw activation bytes (d) are columns of every table. Each file holds its own
 measurement: its task functions, each run in a fresh process (`python -m benchmark.<name> --task TASK --args

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +125,102 @@ class ArrowFileWriter:
         self._sink.close()
         if not isinstance(self._sink, DirectFile):  # DirectFile fsyncs its own descriptor
             fsync_path(self.path)
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """Where the values of each row lie in a data file laid out by `lay_out_file` (record batches of
+    `rows_per_batch` rows, the last one trimmed)."""
+
+    size: int  # the file's length in bytes
+    rows_per_batch: int
+    columns: tuple[str, ...]  # the features' names, in order
+    value_offsets: np.ndarray  # [record batch, column]: file offset of the column's first value in the batch
+    row_bytes: np.ndarray  # [column]: bytes of one row's value
+
+    def offsets(self, rows: np.ndarray) -> np.ndarray:
+        """[row, column]: the file offset of each row's value of each column (columns in the features' order)."""
+        batch, within = np.divmod(rows, self.rows_per_batch)
+        return self.value_offsets[batch] + within[:, None] * self.row_bytes
+
+
+def lay_out_file(features: Features, batch_rows: list[int], fd: int | None = None) -> FileLayout:
+    """The byte layout of a data file of record batches of `batch_rows` rows, taken from pyarrow's own IPC writer.
+
+    The record batches' values are views on an untouched anonymous memory map (no memory is used for them);
+    the sink notes where each lands in the file instead of writing it, and writes every other byte (schema,
+    batch headers, list offsets, padding) to `fd` at its place when a descriptor is given. The file is then
+    truncated to its full length: the values are a hole, filled later with positioned writes. Written with the
+    rows, the file has the bytes `ArrowFileWriter` writes for the same record batches.
+    """
+    row_shapes = {name: feature_row_layout(feature) for name, feature in features.items()}
+    row_bytes = {name: int(np.prod(shape)) * dtype.itemsize for name, (shape, dtype) in row_shapes.items()}
+    sizes = {name: -(-max(batch_rows) * n // 64) * 64 for name, n in row_bytes.items()}
+    region = mmap.mmap(-1, max(sum(sizes.values()), 1))  # anonymous: never written, so never in memory
+    views, start = {}, 0
+    for name, (shape, dtype) in row_shapes.items():
+        count = max(batch_rows) * int(np.prod(shape))
+        views[name] = np.frombuffer(region, dtype, count, start).reshape(max(batch_rows), *shape)
+        start += sizes[name]
+    sink = _LayoutSink(fd, {values.ctypes.data: (name, row_bytes[name]) for name, values in views.items()})
+    writer = pa.ipc.new_stream(sink, features.arrow_schema)
+    for rows in batch_rows:
+        sink.batches.append({})
+        sink.rows = rows
+        writer.write_batch(record_batch(features, {name: values[:rows] for name, values in views.items()}))
+        if len(sink.batches[-1]) != len(views):
+            missing = sorted(set(views) - set(sink.batches[-1]))
+            raise RuntimeError(f"the values of column(s) {missing} are copied by pyarrow: they cannot be placed.")
+    writer.close()
+    if fd is not None:
+        os.ftruncate(fd, sink.pos)
+    offsets = np.array([[batch[name] for name in views] for batch in sink.batches], np.int64)
+    return FileLayout(
+        sink.pos,
+        batch_rows[0],
+        tuple(views),
+        offsets.reshape(len(batch_rows), len(views)),
+        np.array(list(row_bytes.values()), np.int64),
+    )
+
+
+class _LayoutSink:
+    """A write-only file for pyarrow's IPC writer that records where value buffers (known by their address) land,
+    skips them, and writes everything else to a descriptor (or nowhere)."""
+
+    closed = False
+
+    def __init__(self, fd: int | None, columns: dict[int, tuple[str, int]]) -> None:
+        self.fd, self.pos = fd, 0
+        self.columns = columns  # address of a column's values -> (its name, bytes of one row's value)
+        self.batches: list[dict[str, int]] = []  # per record batch: column -> file offset of its values
+        self.rows = 0  # rows of the record batch being written
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        name, row_bytes = self.columns.get(data.address, (None, 0)) if isinstance(data, pa.Buffer) else (None, 0)
+        if name is not None and view.nbytes:
+            if view.nbytes != self.rows * row_bytes:
+                raise RuntimeError(f"pyarrow wrote the values of {name!r} in parts: they cannot be placed.")
+            self.batches[-1][name] = self.pos
+        elif self.fd is not None:
+            done = 0
+            while done < view.nbytes:
+                done += os.pwrite(self.fd, view[done:], self.pos + done)
+        self.pos += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def read_arrow_columns(path: Path) -> Iterator[dict[str, np.ndarray]]:

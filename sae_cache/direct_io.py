@@ -11,6 +11,13 @@ bytes on disk are exactly the bytes written. `close()` fsyncs.
 Where the OS has no O_DIRECT or the filesystem refuses it (tmpfs before Linux 6.6, some network
 filesystems: EINVAL at open or at a write), the same object writes through the page cache; `direct` says which.
 Files read back soon (shards that are about to be shuffled, the shuffle's buckets) do not use it.
+
+`PositionedFiles` writes into existing files at given offsets (the shuffle written in place): the whole pages
+of a write of at least DIRECT_MIN_BYTES around the page cache, from the same kind of staging buffer, and its
+partial first and last pages through it, so that a page is only ever written one way even where neighbouring
+writes (other rows, other processes) share it. Smaller writes go through the page cache: one thread's
+synchronous direct writes of a few pages each wait on the disk's latency (on the development VM, 48 KiB rows
+written at random places: 0.30 GB/s direct, 0.57 through the page cache; 1.5 MiB rows: about the same).
 """
 
 from __future__ import annotations
@@ -18,12 +25,16 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 ALIGN = 4096  # O_DIRECT offsets, lengths and addresses are multiples of the logical block size (512 or 4096)
 STAGE_BYTES = 8 << 20
+PAGE = max(ALIGN, mmap.PAGESIZE)  # PositionedFiles: the unit written around the page cache...
+DIRECT_MIN_BYTES = 1 << 20  # ...in writes of at least this many whole pages
+MAX_OPEN = 64  # PositionedFiles: files open at once
 
 
 class DirectFile:
@@ -34,7 +45,7 @@ class DirectFile:
             raise ValueError(f"stage_bytes={stage_bytes} must be a positive multiple of {ALIGN}")
         self.path = Path(path)
         self._stage = self._staged = None
-        self._fd, self.direct = _open(self.path)
+        self._fd, self.direct = _open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         self.closed = False  # from here on, __del__ closes the descriptor if close() is never reached
         if self.direct:
             self._stage = mmap.mmap(-1, stage_bytes)  # anonymous: page-aligned
@@ -120,9 +131,107 @@ class DirectFile:
         self._staged = self._stage = None  # unmapped once no view of it is left (an error's traceback may hold one)
 
 
-def _open(path: Path) -> tuple[int, bool]:
-    """A descriptor for writing `path`, with O_DIRECT when the OS and the filesystem accept it."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+class PositionedFiles:
+    """Existing files, written at given offsets; with direct=True whole pages go around the page cache.
+
+    `sync()` fsyncs every file written since the last sync; at most MAX_OPEN files are open at once.
+    """
+
+    def __init__(self, paths: list[Path], *, direct: bool, stage_bytes: int = STAGE_BYTES) -> None:
+        self.paths, self.direct = [Path(p) for p in paths], direct and bool(getattr(os, "O_DIRECT", 0))
+        self._fds: OrderedDict[int, tuple[int, int | None]] = OrderedDict()  # file -> (buffered, direct or None)
+        self._written: set[int] = set()
+        self._stage = mmap.mmap(-1, stage_bytes) if self.direct else None  # anonymous: page-aligned
+
+    def write(self, index: int, offset: int, data) -> None:
+        """Write `data` (a contiguous 1-D uint8 array) into file `index` at `offset`."""
+        buffered, direct = self._open(index)
+        self._written.add(index)
+        start, stop = -(-offset // PAGE) * PAGE, (offset + len(data)) // PAGE * PAGE
+        if direct is None or stop - start < max(DIRECT_MIN_BYTES, PAGE):
+            _pwrite_all(buffered, memoryview(data), offset)
+            return
+        _pwrite_all(buffered, memoryview(data[: start - offset]), offset)
+        _pwrite_all(buffered, memoryview(data[stop - offset :]), stop)
+        done = self._write_direct(direct, data[start - offset : stop - offset], start)
+        _pwrite_all(buffered, memoryview(data[start - offset + done : stop - offset]), start + done)  # refused
+
+    def sync(self) -> None:
+        """fsync every file written since the last sync (reopening those closed since)."""
+        for index in sorted(self._written):
+            if index in self._fds:
+                os.fsync(self._fds[index][0])
+            else:
+                fd = os.open(self.paths[index], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        self._written.clear()
+
+    def close(self) -> None:
+        while self._fds:
+            self._close_one()
+        self._stage = None
+
+    def _open(self, index: int) -> tuple[int, int | None]:
+        if index in self._fds:
+            self._fds.move_to_end(index)
+            return self._fds[index]
+        if len(self._fds) >= MAX_OPEN:
+            self._close_one()
+        flags, direct = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), None
+        if self.direct:
+            fd, self.direct = _open(self.paths[index], flags)
+            if self.direct:
+                direct = fd
+            else:
+                os.close(fd)  # the filesystem refuses O_DIRECT: every file goes through the page cache
+        self._fds[index] = (os.open(self.paths[index], flags), direct)
+        return self._fds[index]
+
+    def _close_one(self) -> None:
+        _, (buffered, direct) = self._fds.popitem(last=False)
+        os.close(buffered)
+        if direct is not None:
+            os.close(direct)
+
+    def _write_direct(self, fd: int, data, offset: int) -> int:
+        """Write whole pages through the staging buffer; returns how many bytes were written (fewer: refused)."""
+        staged, done = np.frombuffer(self._stage, np.uint8), 0
+        while done < len(data):
+            n = min(len(staged), len(data) - done)
+            staged[:n] = data[done : done + n]  # numpy copies without the GIL
+            try:
+                written = os.pwrite(fd, memoryview(self._stage)[:n], offset + done)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                written = 0
+            if written != n:
+                self._refuse_direct()
+                return done
+            done += n
+        return done
+
+    def _refuse_direct(self) -> None:
+        """The filesystem refused a direct write: from now on every write goes through the page cache."""
+        self.direct = False
+        for index, (buffered, direct) in self._fds.items():
+            if direct is not None:
+                os.close(direct)
+            self._fds[index] = (buffered, None)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _open(path: Path, flags: int) -> tuple[int, bool]:
+    """A descriptor for writing `path` with `flags`, and O_DIRECT when the OS and the filesystem accept it."""
+    flags |= getattr(os, "O_CLOEXEC", 0)
     direct = getattr(os, "O_DIRECT", 0)
     if direct:
         try:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -64,6 +65,12 @@ def rows_of_rank(n_rows: int, batch_size: int, ranks: Ranks) -> int:
     """How many of the first n_rows rows fall in this rank's batches."""
     n_batches = -(-n_rows // batch_size)
     return sum(min(batch_size, n_rows - b * batch_size) for b in range(ranks.rank, n_batches, ranks.world))
+
+
+def stream_rows(local_rows: np.ndarray, batch_size: int, ranks: Ranks) -> np.ndarray:
+    """Where rows local_rows of this rank's share (its batches, in order) lie in the whole stream."""
+    batch, within = np.divmod(local_rows, batch_size)
+    return (ranks.rank + batch * ranks.world) * batch_size + within
 
 
 def batches_of_rank(rows: Iterator[torch.Tensor], batch_size: int, ranks: Ranks) -> Iterator[torch.Tensor]:

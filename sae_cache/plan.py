@@ -17,6 +17,10 @@ TOKEN_ID_BYTES = 4  # token_ids are stored as int32
 PIECE_BYTES = 64 << 20  # host memory is filled and written in pieces of at most this (and at most a quarter buffer)
 PIECES_PER_BUFFER = 4
 OFFSET_BYTES = 4  # Array2D stores list<list<...>>: one int32 offset per row and per position (scales have none)
+# The shuffle of rows is written in place (sae_cache.shuffle_in_place) for rows of at least this many bytes
+# (context x d_model values: the usual case; smaller ones would make many small random writes)...
+IN_PLACE_MIN_ROW_BYTES = 16 << 10
+IN_PLACE_MAX_ROWS = 8 << 20  # ...while the position of every row (8 bytes a row) stays small
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class CachePlan:
     activation_bytes: int
     disk_bytes: int
     peak_disk_bytes: int
+    shuffle_in_place: bool = False  # rows go straight to their shuffled place (no shards, no second write)
 
     @property
     def n_tokens(self) -> int:
@@ -73,7 +78,8 @@ class CachePlan:
                 f"({self.tokens_per_buffer:,} tokens, {_gb(self.rows_per_buffer * self.bytes_per_row)}), "
                 f"written in pieces of {self.rows_per_piece:,} rows",
                 f"activation bytes:   {_gb(self.activation_bytes)}",
-                f"disk (final/peak):  {_gb(self.disk_bytes)} / {_gb(self.peak_disk_bytes)}",
+                f"disk (final/peak):  {_gb(self.disk_bytes)} / {_gb(self.peak_disk_bytes)}"
+                + (" (shuffle written in place)" if self.shuffle_in_place else ""),
             ]
         )
 
@@ -88,6 +94,8 @@ def make_plan(
     model_batch_size: int,
     buffer_size_gb: float,
     shuffle: bool,
+    shuffle_across_sequences: bool = False,
+    label_dtypes: dict[str, str] | None = None,
 ) -> CachePlan:
     """Resolve the sizes of a run from the config's fields and what the model and data told us."""
     sliced_context_size = sliced_length(context_size, seqpos_slice)
@@ -102,8 +110,10 @@ def make_plan(
     act_bytes_per_row, bytes_per_row = row_bytes(hook_dims, sliced_context_size, dtype)
     rows_per_buffer = min(_rows_per_buffer(buffer_size_gb, model_batch_size, bytes_per_row), n_rows)
     disk_bytes = n_rows * bytes_per_row
-    # A shuffle keeps the unshuffled shards and its scratch copy until the shuffled cache is complete.
-    peak_disk_bytes = disk_bytes * (3 if shuffle else 1)
+    in_place = shuffle and not shuffle_across_sequences and _in_place(bytes_per_row, n_rows, label_dtypes or {})
+    # A shuffle of shards keeps them and its scratch copy until the shuffled cache is complete; written in place,
+    # the cache's own data files are the only copy.
+    peak_disk_bytes = disk_bytes * (3 if shuffle and not in_place else 1)
     return CachePlan(
         hook_dims=dict(hook_dims),
         context_size=context_size,
@@ -117,6 +127,15 @@ def make_plan(
         activation_bytes=n_rows * act_bytes_per_row,
         disk_bytes=disk_bytes,
         peak_disk_bytes=peak_disk_bytes,
+        shuffle_in_place=in_place,
+    )
+
+
+def _in_place(bytes_per_row: int, n_rows: int, label_dtypes: dict[str, str]) -> bool:
+    """Whether a shuffle of rows is written in place: large rows, few enough of them, and every column's values
+    stored as they are (bool labels are bit-packed in Arrow: a row's bools cannot be written alone)."""
+    return (
+        bytes_per_row >= IN_PLACE_MIN_ROW_BYTES and n_rows <= IN_PLACE_MAX_ROWS and "bool" not in label_dtypes.values()
     )
 
 

@@ -5,12 +5,14 @@ A cache at `out` is made in its sibling work directory `<out>.sae_cache-tmp`:
     run.json                     the run record: what the run produces (a resume must produce the same)
     shards/[rank_XXXXX/]         shard_XXXXX.arrow (.partial until complete), then shard_XXXXX.json, its manifest
     buckets/                     the shuffle's bucket files (XXXXXX.keys, XXXXXX.0, XXXXXX.1, ...)
-    staging/                     the cache being assembled
+    staging/                     the cache being assembled (the shuffle written in place: from the start)
+    layout.json                  the shuffle written in place: staging's data files are laid out
     hub/                         the Parquet export pushed to the Hub
 
 `check_output` refuses an output path a run must not replace. `publishing(paths)` hands out a fresh
-staging directory and, when the block ends normally, puts it in place with a backup-and-rename swap
-(in the manner of datasets' `incomplete_dir`):
+staging directory (or, with fresh=False, the one the shuffle written in place has filled) and, when the
+block ends normally, puts it in place with a backup-and-rename swap (in the manner of datasets'
+`incomplete_dir`):
 
     out -> out.sae_cache-backup;  staging -> out;  remove backup
 
@@ -84,6 +86,7 @@ class RunPaths:
     shards = property(lambda self: self.work / "shards")
     buckets = property(lambda self: self.work / "buckets")
     staging = property(lambda self: self.work / "staging")
+    layout = property(lambda self: self.work / "layout.json")
     hub = property(lambda self: self.work / "hub")
 
     def shard_files(self, rank: int | None = None) -> ShardFiles:
@@ -150,14 +153,17 @@ def start_work(paths: RunPaths, identity: dict, *, overwrite: bool, resume: bool
 
 
 @contextlib.contextmanager
-def publishing(paths: RunPaths) -> Iterator[Path]:
-    """A fresh staging directory to fill; when the block ends normally the staged cache (completed by
-    `finish_staging`) replaces paths.out atomically; when it raises, the staging directory is removed."""
-    reset_dir(paths.staging)
+def publishing(paths: RunPaths, *, fresh: bool = True) -> Iterator[Path]:
+    """A fresh staging directory to fill (fresh=False: the one already filled, kept for a resume if the block
+    raises); when the block ends normally the staged cache (completed by `finish_staging`) replaces paths.out
+    atomically; when it raises, a fresh staging directory is removed."""
+    if fresh:
+        reset_dir(paths.staging)
     try:
         yield paths.staging
     except BaseException:
-        shutil.rmtree(paths.staging, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(paths.staging, ignore_errors=True)
         raise
     if not is_complete_cache(paths.staging):
         raise RuntimeError(f"{paths.staging} was never completed (no {METADATA_FILE}): nothing was published.")

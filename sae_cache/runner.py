@@ -4,7 +4,9 @@
 swap left, resolves the plan (model, data, hook widths) and checks it before any forward pass, writes
 one shard per buffer into the run's work directory (resuming after the last complete shard when
 asked), links or shuffles the shards into a staged cache, publishes it, pushes it to the Hub when
-asked, and returns the dataset as loaded from disk. It hands each stage the fields it needs.
+asked, and returns the dataset as loaded from disk. A shuffle of large rows (`plan.shuffle_in_place`)
+instead lays out the staged cache first and writes each row straight into its place. It hands each
+stage the fields it needs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from sae_cache.model import ModelAdapter, adapt, load_model
 from sae_cache.plan import CachePlan, make_plan
 from sae_cache.publish import (
     RunPaths,
+    ShardFiles,
     check_output,
     finish_staging,
     is_complete_cache,
@@ -54,9 +57,10 @@ from sae_cache.publish import (
     start_work,
 )
 from sae_cache.shuffle import shuffle_shards
+from sae_cache.shuffle_in_place import PlacedWriter, file_names, lay_out_once
 from sae_cache.stats import HookStats
 from sae_cache.store import ActivationsStore, resolve_forward_threads
-from sae_cache.writer import ShardWriter
+from sae_cache.writer import PieceWriter, ShardWriter
 
 logger = logging.getLogger("sae_cache")
 DISK_MARGIN = 1.05
@@ -110,6 +114,7 @@ class CacheActivationsRunner:
         self._shared(self._repair)
         if not self._already_finished():
             self._shared(self._prepare)
+            self._shared(self._lay_out)
             self._shared(self._write_shards)
             self._shared(self._publish)
         self._shared(lambda: self._push() if self.cfg.hf_repo_id and self.ranks.is_main else None)
@@ -184,6 +189,8 @@ class CacheActivationsRunner:
         )
         labels = label_dtypes(column, row, label_columns=cfg.label_columns, disable_concat=cfg.disable_concat_sequences)
         plan = make_plan(
+            shuffle_across_sequences=cfg.shuffle_across_sequences,
+            label_dtypes=labels,
             hook_dims=hook_dims,
             context_size=context_size,
             seqpos_slice=cfg.seqpos_slice,
@@ -271,8 +278,7 @@ class CacheActivationsRunner:
         plan = self._rank_plan(self.ranks.rank)
         files = self._shard_files(self.ranks.rank)
         files.directory.mkdir(parents=True, exist_ok=True)
-        # shards to be shuffled are read back at once: only final ones go around the page cache
-        writer = ShardWriter(files, self._features(), direct_io=self.cfg.direct_io and not self.cfg.shuffle)
+        writer = self._writer(files)
         done = files.n_complete(plan.n_buffers)
         if done:
             logger.info("resuming after %d complete shard(s) of %d", done, plan.n_buffers)
@@ -290,7 +296,28 @@ class CacheActivationsRunner:
         store.on_tokens = progress.update
         with writer, progress:
             for piece in store.pieces(resume["next_batch"], resume["next_skip"], done, acquire=writer.acquire):
-                writer.submit(piece, {"stats": {h: asdict(st) for h, st in store.stats.items()}})
+                writer.submit(piece)
+
+    def _lay_out(self) -> None:
+        """Rank 0, for the shuffle written in place: the staged cache's data files, laid out once per run."""
+        if self.ranks.is_main and self._resolve().plan.shuffle_in_place:
+            lay_out_once(self.paths, self._features(), self._resolve().plan)
+
+    def _writer(self, files: ShardFiles) -> PieceWriter:
+        cfg, plan = self.cfg, self._resolve().plan
+        if plan.shuffle_in_place:
+            return PlacedWriter(
+                files,
+                self.paths.staging,
+                self._features(),
+                plan,
+                seed=cfg.seed,
+                batch_size=cfg.model_batch_size,
+                ranks=self.ranks,
+                direct_io=cfg.direct_io,
+            )
+        # shards to be shuffled are read back at once: only final ones go around the page cache
+        return ShardWriter(files, self._features(), direct_io=cfg.direct_io and not cfg.shuffle)
 
     def _make_store(self, plan: CachePlan) -> ActivationsStore:
         cfg, resolved = self.cfg, self._resolve()
@@ -320,31 +347,36 @@ class CacheActivationsRunner:
 
     # -- publishing ---------------------------------------------------------------------------------
 
-    def _rank_shards(self) -> tuple[list[Path], dict[str, HookStats]]:
-        """Every rank's shard files in rank order, and the statistics of all of them."""
-        paths, raws = [], []
+    def _rank_shards(self) -> list[Path]:
+        """Every rank's shard files, in rank order."""
+        paths = []
         for rank in range(self.ranks.world):
-            files, n = self._shard_files(rank), self._rank_plan(rank).n_buffers
-            paths += [files.shard(i) for i in range(n)]
-            if n:
-                raws.append(files.read_manifest(n - 1)["stats"])
-        hooks = self._resolve().plan.hook_dims
-        return paths, {h: HookStats.combined([raw[h] for raw in raws]) for h in hooks}
+            files = self._shard_files(rank)
+            paths += [files.shard(i) for i in range(self._rank_plan(rank).n_buffers)]
+        return paths
+
+    def _stats(self) -> dict[str, HookStats]:
+        """The statistics of the whole cache, from every rank's last manifest."""
+        last = [(self._shard_files(rank), self._rank_plan(rank).n_buffers) for rank in range(self.ranks.world)]
+        raws = [files.read_manifest(n - 1)["stats"] for files, n in last if n]
+        return {h: HookStats.combined([raw[h] for raw in raws]) for h in self._resolve().plan.hook_dims}
 
     def _publish(self) -> None:
-        """Rank 0: link (or shuffle) every rank's shards into a staged cache and publish it."""
+        """Rank 0: link (or shuffle) every rank's shards into a staged cache (or complete the one written in
+        place) and publish it."""
         if not self.ranks.is_main:
             return
         cfg, resolved = self.cfg, self._resolve()
         plan, features = resolved.plan, self._features()
-        shard_paths, stats = self._rank_shards()
         metadata = activations_metadata(
-            cfg, plan, stats=stats, tokenizer=resolved.model.tokenizer, world_size=self.ranks.world
+            cfg, plan, stats=self._stats(), tokenizer=resolved.model.tokenizer, world_size=self.ranks.world
         )
-        with publishing(self.paths) as staging:
-            if cfg.shuffle:
+        with publishing(self.paths, fresh=not plan.shuffle_in_place) as staging:
+            if plan.shuffle_in_place:
+                names = file_names(plan)
+            elif cfg.shuffle:
                 names = shuffle_shards(
-                    shard_paths,
+                    self._rank_shards(),
                     features=features,
                     seed=cfg.seed,
                     across_sequences=cfg.shuffle_across_sequences,
@@ -356,7 +388,7 @@ class CacheActivationsRunner:
                     direct_io=cfg.direct_io,
                 )
             else:
-                names = link_shards(shard_paths, staging)
+                names = link_shards(self._rank_shards(), staging)
             finish_staging(staging, features, names, fingerprint_of(run_identity(cfg, plan)), metadata)
 
     def _push(self) -> None:

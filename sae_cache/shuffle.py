@@ -22,7 +22,7 @@ from datasets import Features
 from sae_cache.arrow_format import file_offset, mapped_batches
 from sae_cache.columns import TOKEN_IDS
 from sae_cache.shuffle_buckets import bucket_shuffle
-from sae_cache.shuffle_io import Background, RowSink, bytes_per_row, check_files, item_buffers, item_keys, item_layouts
+from sae_cache.shuffle_io import Background, RowSink, bytes_per_row, check_files, item_buffers, item_layouts, row_order
 
 ONE_PASS_MIN_ROW_BYTES = 16 << 10  # rows mode reads rows at least this large straight from the shards (one pass)...
 ONE_PASS_MAX_ROWS = 8 << 20  # ...when the order of all rows (16 bytes a row while it is computed) stays small
@@ -113,7 +113,7 @@ def _gather_one_pass(
     """Rows mode in one pass: output rows start..start+chunk_rows-1 are read from the shards (in file
     order, with os.preadv) into one of two alternating buffers and handed to the sink."""
     extents = _RowExtents(shard_files, layouts)
-    order = np.argsort(item_keys(seed, 0, n_rows), kind="stable")
+    order = row_order(seed, n_rows)
     buffers = [item_buffers(layouts, min(chunk_rows, n_rows)) for _ in range(2)]
     for k, start in enumerate(range(0, n_rows, chunk_rows)):
         rows = order[start : start + chunk_rows]

@@ -36,6 +36,11 @@ def item_keys(seed: int, start: int, stop: int) -> np.ndarray:
     return keys[offset : offset + stop - start]
 
 
+def row_order(seed: int, n_rows: int) -> np.ndarray:
+    """The shuffled order of n_rows rows: out[j] is the stream row stored j-th (rows sorted stably by key)."""
+    return np.argsort(item_keys(seed, 0, n_rows), kind="stable")
+
+
 def bytes_per_row(features: Features) -> int:
     total = 0
     for feature in features.values():

@@ -1,7 +1,8 @@
 """Per-hook statistics of the stored activations: count, mean, std, mean norm, max |x|, infs made by the cast.
 
 Owns `HookStats`: per-item summaries computed on the model's device in one pass per batch, summed as
-items are stored, combined across ranks, and turned into the numbers a cache's metadata records.
+items are stored (on that device, by `RunningStats`, so that no forward pass waits for a copy to the host),
+combined across ranks, and turned into the numbers a cache's metadata records.
 """
 
 from __future__ import annotations
@@ -44,18 +45,6 @@ class HookStats:
             dim=1,
         ).double()
 
-    def add(self, items: torch.Tensor) -> None:
-        """Add the per-item summaries of the items that were stored."""
-        if not len(items):
-            return
-        tokens, total, total_sq, total_norm, _, infs = items.sum(0).tolist()
-        self.n_tokens += int(tokens)
-        self.total += total
-        self.total_sq += total_sq
-        self.total_norm += total_norm
-        self.max_abs = max(self.max_abs, items[:, 4].max().item())
-        self.n_inf_after_cast += int(infs)
-
     @classmethod
     def combined(cls, raws: list[dict]) -> HookStats:
         """One HookStats from the raw fields of several (the ranks' parts of a cache)."""
@@ -81,3 +70,33 @@ class HookStats:
             "max_abs": self.max_abs,
             "inf_after_cast": self.n_inf_after_cast,
         }
+
+
+class RunningStats:
+    """One hook's HookStats kept as float64 tensors on the model's device: items are added there, with no copy
+    to the host, and the running numbers are read back once per piece (`state`, then `from_state`).
+
+    The additions are the ones HookStats made on the host (per stored range of items, in float64), so the
+    numbers are the same bit for bit.
+    """
+
+    def __init__(self, start: HookStats, device: torch.device) -> None:
+        sums = [start.n_tokens, start.total, start.total_sq, start.total_norm, 0.0, start.n_inf_after_cast]
+        self.sums = torch.tensor(sums, dtype=torch.float64, device=device)  # the per_item columns, summed
+        self.max_abs = torch.tensor([start.max_abs], dtype=torch.float64, device=device)
+
+    def add(self, items: torch.Tensor) -> None:
+        """Add the per-item summaries (HookStats.per_item) of the items that were stored."""
+        if not len(items):
+            return
+        self.sums += items.sum(0)
+        self.max_abs = torch.fmax(self.max_abs, items[:, 4].max().reshape(1))  # fmax: a NaN row is skipped
+
+    def state(self) -> torch.Tensor:
+        """The running numbers as one new device tensor of 7 (read it with from_state)."""
+        return torch.cat([self.sums, self.max_abs])
+
+    @staticmethod
+    def from_state(values: list[float]) -> HookStats:
+        tokens, total, total_sq, total_norm, _, infs, max_abs = values
+        return HookStats(int(tokens), total, total_sq, total_norm, max_abs, int(infs))

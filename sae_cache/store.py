@@ -10,6 +10,13 @@ pieces, not whole buffers). With `exclude_token_ids`, the excluded tokens' posit
 the kept positions are packed into rows (only used when positions are later shuffled across
 sequences). Host memory is its own (`Piece`, `allocate_piece`); it knows nothing of files.
 
+Nothing here waits for the GPU: token ids stay on the host (the exclusion mask is computed there), the
+statistics are summed on the model's device (`RunningStats`), and on CUDA the activations are copied into the
+pinned pieces on a separate stream. A piece is handed on with its copies possibly still in flight; whoever
+writes it first calls `piece.finish()`, which waits for them (a CUDA event), reads the running statistics
+once, and raises (or warns about) float16 overflow in that piece, before any of its bytes are written. So
+consecutive forward passes are queued back to back while earlier pieces are copied and written.
+
 Words: a *buffer* is `plan.rows_per_buffer` rows (one shard on disk, the unit of resuming); a *piece* is
 the part of a buffer held in host memory at once; an *item* is what the stream is cut into, a row, or a
 kept position when positions are excluded.
@@ -24,18 +31,20 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from sae_cache.columns import TOKEN_IDS
 from sae_cache.model import HookCapture, ModelAdapter
 from sae_cache.plan import CachePlan
-from sae_cache.stats import HookStats
+from sae_cache.stats import HookStats, RunningStats
 from sae_cache.storage_formats import storage_format
 
 
@@ -54,6 +63,7 @@ class Piece:
     last: bool = True  # the buffer's last piece: completes its shard
     next_batch: int = 0
     next_skip: int = 0
+    finish: Callable[[], dict[str, HookStats]] = dict  # see `ActivationsStore._finish`; {} for a bare piece
 
     def columns(self):
         """numpy views of the filled rows (no copy)."""
@@ -89,7 +99,7 @@ class _BatchItems:
     batch: int
     acts: dict[str, torch.Tensor]  # stored column -> [items, item width], in the storage format
     tokens: torch.Tensor  # [items, tokens per item], host
-    item_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    item_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # hook -> HookStats.per_item, on the device
     labels: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [rows, 1], host
 
 
@@ -125,13 +135,17 @@ class ActivationsStore:
         self.exclude = None if exclude_token_ids is None else torch.tensor(sorted(exclude_token_ids))
         self.fp16_overflow = fp16_overflow
         self.hooks = list(plan.hook_dims)
-        self.stats = {h: HookStats() for h in self.hooks}
         self.device = model.device
+        self.restore_stats({})
+        # CUDA: device-to-host copies on their own stream, so that the next forward pass need not wait for them
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.on_tokens: Callable[[int], None] = lambda n: None  # progress: tokens stored so far, per batch
 
     def restore_stats(self, raw: dict[str, dict]) -> None:
-        """Continue the statistics of an interrupted run (raw HookStats fields per hook)."""
-        self.stats.update({hook: HookStats(**fields) for hook, fields in raw.items()})
+        """Continue the statistics of an interrupted run (raw HookStats fields per hook; none: start from zero)."""
+        start = {hook: HookStats(**raw[hook]) if hook in raw else HookStats() for hook in self.hooks}
+        self.stats = {hook: RunningStats(st, self.device) for hook, st in start.items()}
+        self._infs_checked = {hook: st.n_inf_after_cast for hook, st in start.items()}  # by `_finish`, in order
 
     def new_piece(self) -> dict[str, torch.Tensor]:
         """Host tensors for one piece of a buffer, pinned when the model is on CUDA."""
@@ -169,6 +183,7 @@ class ActivationsStore:
                     piece = Piece(index, acquire(self.new_piece), n_rows, first=k == 0, last=k == len(pieces) - 1)
                     pending, skip = self._fill(piece, outputs, pending, skip)
                     piece.next_batch, piece.next_skip = (pending[0].batch, skip) if pending else (self._batches_done, 0)
+                    piece.finish = self._snapshot(piece.index)
                     yield piece
         finally:
             outputs.close()  # removes the hooks and restores torch's thread count now, not at garbage collection
@@ -196,9 +211,33 @@ class ActivationsStore:
             if skip == len(batch.tokens):
                 pending.pop(0)
                 skip = 0
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the non-blocking copies have landed
         return pending, skip
+
+    def _snapshot(self, index: int) -> Callable[[], dict[str, HookStats]]:
+        """After a piece's copies are queued: its `finish` (the running statistics, copied to the host behind them)."""
+        state = torch.stack([self.stats[hook].state() for hook in self.hooks])
+        if self.copy_stream is None:
+            return functools.partial(self._finish, index, state, None)
+        host = torch.empty(state.shape, dtype=state.dtype, pin_memory=True)
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            host.copy_(state, non_blocking=True)
+            state.record_stream(self.copy_stream)
+            landed = self.copy_stream.record_event()  # after every copy into the piece, and these statistics
+        return functools.partial(self._finish, index, host, landed)
+
+    def _finish(self, index: int, state: torch.Tensor, landed: Any) -> dict[str, HookStats]:
+        """Wait until a piece's copies have landed; check it for float16 overflow; the running statistics at its end.
+
+        Called once per piece, in order, by whoever writes the pieces (the writer thread), before writing it.
+        """
+        if landed is not None:
+            landed.synchronize()
+        stats = {hook: RunningStats.from_state(values) for hook, values in zip(self.hooks, state.tolist())}
+        for hook, st in stats.items():
+            new_infs, self._infs_checked[hook] = st.n_inf_after_cast - self._infs_checked[hook], st.n_inf_after_cast
+            self._check_overflow(hook, new_infs, index)
+        return stats
 
     def _item_views(self, piece: Piece) -> dict[str, torch.Tensor]:
         """The piece's first n_rows rows seen as [items, item width] (an item is a row, or a position)."""
@@ -210,8 +249,12 @@ class ActivationsStore:
         n = stop - start
         for hook in self.hooks:
             self.stats[hook].add(batch.item_stats[hook][start:stop])
-        for name, values in batch.acts.items():
-            dest[name][at : at + n].copy_(values[start:stop], non_blocking=True)
+        with _on_stream(self.copy_stream, self.device):
+            for name, values in batch.acts.items():
+                source = values[start:stop]
+                dest[name][at : at + n].copy_(source, non_blocking=True)
+                if self.copy_stream is not None:
+                    source.record_stream(self.copy_stream)  # its memory is not reused before the copy is done
         dest[TOKEN_IDS][at : at + n].copy_(batch.tokens[start:stop])
         self.on_tokens(dest[TOKEN_IDS][at : at + n].numel())
         for name, values in batch.labels.items():
@@ -227,8 +270,6 @@ class ActivationsStore:
             for output in _ordered_map(
                 lambda batch: self._compute(capture, *batch), self._batches(start_batch), self.forward_threads
             ):
-                for hook in self.hooks:
-                    self._check_overflow(hook, output.item_stats[hook])
                 self._batches_done = output.batch + 1
                 yield output
 
@@ -258,30 +299,31 @@ class ActivationsStore:
     def _compute(
         self, capture: HookCapture, batch_index: int, tokens_BL: torch.Tensor, labels: dict[str, torch.Tensor]
     ) -> _BatchItems:
-        """One batch's forward pass, storage encoding and per-item statistics (may run on a forward thread)."""
-        acts = capture(tokens_BL.to(self.device))
+        """One batch's forward pass, storage encoding and per-item statistics (may run on a forward thread).
+
+        Nothing in it waits for the device: the tokens stay on the host (the kept positions are found there)."""
+        acts = capture(_to_device(tokens_BL, self.device))
         tokens_BL = tokens_BL[:, self.positions]
-        keep = None
+        kept = None
         if self.exclude is not None:
-            keep = ~torch.isin(tokens_BL.reshape(-1), self.exclude)
-            tokens_BL = tokens_BL.reshape(-1)[keep]
+            kept = torch.isin(tokens_BL.reshape(-1), self.exclude, invert=True).nonzero().squeeze(1)
+            tokens_BL = tokens_BL.reshape(-1)[kept]
         n_items = len(tokens_BL)
-        output = _BatchItems(batch=batch_index, acts={}, tokens=tokens_BL.reshape(n_items, -1).cpu(), labels=labels)
+        output = _BatchItems(batch=batch_index, acts={}, tokens=tokens_BL.reshape(n_items, -1), labels=labels)
         for hook, act in acts.items():
-            if keep is not None:
-                act = act.reshape(-1, act.shape[-1])[keep.to(act.device)]
+            if kept is not None:
+                act = act.reshape(-1, act.shape[-1]).index_select(0, _to_device(kept, act.device))
             stored = self.storage.encode(hook, act)  # on the model's device, before the copy to host
-            output.item_stats[hook] = HookStats.per_item(act, stored[self.storage.values_column(hook)]).cpu()
+            output.item_stats[hook] = HookStats.per_item(act, stored[self.storage.values_column(hook)])
             output.acts.update({name: values.reshape(n_items, -1) for name, values in stored.items()})
         return output
 
-    def _check_overflow(self, hook: str, item_stats: torch.Tensor) -> None:
-        n_new_inf = int(item_stats[:, 5].sum())
+    def _check_overflow(self, hook: str, n_new_inf: int, index: int) -> None:
         if not n_new_inf:
             return
         message = (
-            f"{n_new_inf} activations of hook {hook!r} exceed the float16 range (|x| > 65504) and became inf. "
-            "Store in float32 (dtype='float32'), or set fp16_overflow='warn' to keep them as inf."
+            f"{n_new_inf} activations of hook {hook!r} in buffer {index} exceed the float16 range (|x| > 65504) and "
+            "became inf. Store in float32 (dtype='float32'), or set fp16_overflow='warn' to keep them as inf."
         )
         if self.fp16_overflow == "error":
             raise Float16OverflowError(message)
@@ -298,6 +340,25 @@ def resolve_forward_threads(requested: int | None, device: torch.device) -> int:
             f"this model is on {device}: leave forward_threads unset (or 1)."
         )
     return requested
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to CUDA from pinned memory, so the copy does not make the host wait."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def _on_stream(stream: Any, device: torch.device) -> Iterator[None]:
+    """Work queued in the block goes to `stream` (after what the current stream has queued), or nowhere special
+    when stream is None (a CPU model)."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield
 
 
 def _ordered_map(fn: Callable, items: Iterator, threads: int) -> Iterator:

@@ -48,12 +48,15 @@ from datasets import Dataset  # noqa: E402
 from sae_cache import (  # noqa: E402
     CacheActivationsRunner,
     CacheActivationsRunnerConfig,
+    direct_io,
     publish,
     shuffle,
     shuffle_buckets,
+    shuffle_in_place,
     shuffle_io,
     writer,
 )
+from sae_cache import plan as plan_module  # noqa: E402
 from sae_cache.metadata import METADATA_FILE  # noqa: E402
 from sae_cache.publish import BACKUP_SUFFIX, WORK_SUFFIX  # noqa: E402
 
@@ -202,6 +205,36 @@ def _gather(n):
     shuffle_io.ArrowFileWriter = KillingWriter
 
 
+def _lay_out(n):
+    """The shuffle written in place: after the n-th data file was laid out in staging (not yet fsynced)."""
+    calls = [0]
+    real = shuffle_in_place.lay_out_file
+
+    def lay_out_file(features, batch_rows, fd=None):
+        layout = real(features, batch_rows, fd)
+        calls[0] += fd is not None  # the writer computes layouts too, without a file
+        if fd is not None and calls[0] == n:
+            die(f"lay-out: {n} data file(s) laid out", size=layout.size)
+        return layout
+
+    shuffle_in_place.lay_out_file = lay_out_file
+
+
+def _place(n):
+    """The shuffle written in place: the n-th positioned write (a row's column) half written."""
+    calls = [0]
+    real = direct_io.PositionedFiles.write
+
+    def write(self, index, offset, data):
+        calls[0] += 1
+        if calls[0] == n:
+            real(self, index, offset, data[: len(data) // 2])
+            die(f"place: write {n} into file {index} at {offset} half written ({len(data) // 2} of {len(data)} bytes)")
+        return real(self, index, offset, data)
+
+    direct_io.PositionedFiles.write = write
+
+
 def _stage_link(n):
     """After the n-th shard was given its name in the staged cache."""
     calls = [0]
@@ -261,6 +294,8 @@ FAULTS = {
     "manifest-torn": _manifest_torn,
     "scatter": _scatter,
     "gather": _gather,
+    "lay-out": _lay_out,
+    "place": _place,
     "stage-link": _stage_link,
     "staging-metadata": _staging_metadata,
     "swap": _swap,
@@ -283,7 +318,12 @@ def _one_pass_shuffle() -> None:
     shuffle.ONE_PASS_MIN_ROW_BYTES = 0
 
 
-PATCHES = {"no-hardlinks": _no_hardlinks, "one-pass-shuffle": _one_pass_shuffle}
+def _in_place_shuffle() -> None:
+    """Rows mode shuffles by writing each row in place although these rows are small."""
+    plan_module.IN_PLACE_MIN_ROW_BYTES = 0
+
+
+PATCHES = {"no-hardlinks": _no_hardlinks, "one-pass-shuffle": _one_pass_shuffle, "in-place-shuffle": _in_place_shuffle}
 
 
 # -- running jobs -----------------------------------------------------------------------------------

@@ -57,8 +57,12 @@ MODES = {
     "shuffle": {"shuffle": True},
     "across": {"shuffle": True, "shuffle_across_sequences": True},
     "shuffle-one-pass": {"shuffle": True},  # with MODE_PATCHES: rows read in place, no scratch
+    "in-place": {"shuffle": True, "seed": 5},  # with MODE_PATCHES: no shards, each row written at its place
 }
-MODE_PATCHES = {"shuffle-one-pass": ("one-pass-shuffle",)}  # fault_worker.PATCHES every job of the mode runs with
+MODE_PATCHES = {  # fault_worker.PATCHES every job of the mode runs with
+    "shuffle-one-pass": ("one-pass-shuffle",),
+    "in-place": ("in-place-shuffle",),
+}
 OLD = {"training_tokens": 16 * 20, "seed": 7}  # the cache an overwrite run replaces (20 unshuffled rows)
 OLD_ROWS = 20
 
@@ -117,6 +121,23 @@ SCENARIOS = [
     Scenario("staging-metadata-rows", "rows", "staging-metadata", shards=N_SHARDS),
     Scenario("staging-metadata-across", "across", "staging-metadata", shards=N_SHARDS),
     Scenario("swap-install-shuffle", "shuffle", "swap", "install", shards=N_SHARDS),
+    # the shuffle written in place (a buffer's rows: 20 positioned writes, its activations then its token ids)
+    Scenario("lay-out-in-place", "in-place", "lay-out", 2),
+    Scenario("forward-in-place", "in-place", "forward", 6),
+    Scenario("place-first-in-place", "in-place", "place", 3),
+    Scenario("place-later-in-place", "in-place", "place", 47, shards=2),
+    Scenario("place-last-in-place", "in-place", "place", 80, shards=3),
+    Scenario("unmanifested-in-place", "in-place", "shard-unmanifested", 1, shards=1),
+    Scenario("manifest-torn-in-place", "in-place", "manifest-torn", 2, shards=2),
+    Scenario("forward-then-place-in-place", "in-place", "forward", 3, again=("place", 9)),
+    Scenario("lay-out-then-place-in-place", "in-place", "lay-out", 4, again=("place", 30)),
+    Scenario("staging-metadata-in-place", "in-place", "staging-metadata", shards=N_SHARDS),
+    Scenario("swap-install-in-place", "in-place", "swap", "install", shards=N_SHARDS),
+    Scenario("ow-place-in-place", "in-place", "place", 30, overwrite=True, after_kill="old", shards=1),
+    Scenario(
+        "ow-swap-backup-in-place", "in-place", "swap", "backup", overwrite=True, after_kill="old", shards=N_SHARDS
+    ),
+    Scenario("remove-work-in-place", "in-place", "rmtree-work", after_kill="new"),
     Scenario("remove-work-rows", "rows", "rmtree-work", after_kill="new"),
     Scenario("remove-work-across", "across", "rmtree-work", after_kill="new"),
     # overwrite runs over an old cache: the next run is the same overwrite command unless said otherwise
@@ -256,12 +277,18 @@ def classify(path: Path, refs: dict[str, dict]) -> str:
     return "unknown"
 
 
-def shard_state(work: Path) -> tuple[int, list[str]]:
-    """(complete shards from the first, manifests without their data file)."""
+def shard_state(work: Path, in_place: bool) -> tuple[int, list[str]]:
+    """(complete buffers from the first, manifests without their data file). Written in place, a buffer is
+    complete with its manifest alone (its rows are in the staged data files, laid out before any)."""
     shards = work / "shards"
     complete = 0
-    while (shards / f"shard_{complete:05d}.json").exists() and (shards / f"shard_{complete:05d}.arrow").exists():
+    while (shards / f"shard_{complete:05d}.json").exists() and (
+        in_place or (shards / f"shard_{complete:05d}.arrow").exists()
+    ):
         complete += 1
+    if in_place:
+        orphans = [] if complete == 0 or (work / "layout.json").exists() else ["a manifest without a laid-out cache"]
+        return complete, orphans
     orphans = sorted(m.name for m in shards.glob("shard_*.json") if not m.with_suffix(".arrow").exists())
     return complete, orphans
 
@@ -285,7 +312,7 @@ def observe(s: Scenario, root: Path, refs: dict[str, dict], sentinels_before: di
         obs["loaded_token_rows"] = len(ds[:]["token_ids"])
         del ds
     if obs["work"]:
-        obs["shards"], obs["orphan_manifests"] = shard_state(paths.work)
+        obs["shards"], obs["orphan_manifests"] = shard_state(paths.work, in_place=s.mode == "in-place")
         obs["staged"] = classify(paths.staging, {"new": refs[s.mode], "old": refs["old"]})
     else:
         obs["staged"] = "absent"
