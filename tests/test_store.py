@@ -73,6 +73,14 @@ def store_for(adapter, rows, plan, **options) -> ActivationsStore:
     return ActivationsStore(adapter, iter(rows), plan, batch_size=BATCH, **options)
 
 
+def finished(pieces: list[Piece]) -> dict:
+    """Each piece's finish() in order (what the writer does before writing it); the statistics at the last one."""
+    stats = {}
+    for piece in pieces:
+        stats = piece.finish()
+    return stats
+
+
 def joined(pieces: list[Piece]) -> dict[str, np.ndarray]:
     """Every column of the pieces, concatenated in order (copies: the pieces' memory may be reused)."""
     return {name: np.concatenate([p.columns()[name] for p in pieces]) for name in pieces[0].tensors}
@@ -208,18 +216,22 @@ def test_statistics_are_numpys_over_what_was_yielded_and_survive_a_restart(adapt
     store = store_for(adapter, rows, plan, **options)
     pieces = list(store.pieces())
     columns = joined(pieces)
+    final = finished(pieces)
     for hook, d in plan.hook_dims.items():
-        assert_stats_equal(store.stats[hook].to_dict(d), numpy_stats(columns[hook]))
+        assert_stats_equal(final[hook].to_dict(d), numpy_stats(columns[hook]))
 
     first = store_for(adapter, rows, plan, **options)  # stopped after buffer 0, then continued by another store
     stream = first.pieces()
-    end = next(p for p in stream if p.last)
+    buffer_0 = []
+    while not (buffer_0 and buffer_0[-1].last):
+        buffer_0.append(next(stream))
+    at_end = finished(buffer_0)
     stream.close()
     resumed = store_for(adapter, rows, plan, **options)
-    resumed.restore_stats({hook: asdict(stats) for hook, stats in first.stats.items()})
-    list(resumed.pieces(end.next_batch, end.next_skip, 1))
+    resumed.restore_stats({hook: asdict(stats) for hook, stats in at_end.items()})
+    again = finished(list(resumed.pieces(buffer_0[-1].next_batch, buffer_0[-1].next_skip, 1)))
     for hook, d in plan.hook_dims.items():
-        assert_stats_equal(resumed.stats[hook].to_dict(d), store.stats[hook].to_dict(d))
+        assert_stats_equal(again[hook].to_dict(d), final[hook].to_dict(d))
 
 
 @pytest.fixture(scope="module")
@@ -231,11 +243,14 @@ def loud(model):
     return adapt(loud)
 
 
-def test_float16_overflow_raises_before_anything_is_yielded(loud, rows):
+def test_float16_overflow_raises_before_the_piece_holding_infs_is_written(loud, rows):
+    """A piece is checked by its finish(), which the writer calls before writing any byte of it."""
     plan = plan_for(loud, ["blocks.0.hook_resid_pre"], n_rows=10, rows_per_buffer=10, dtype="float16")
     store = store_for(loud, rows, plan, dtype="float16")
-    with pytest.raises(Float16OverflowError, match=r"activations of hook 'blocks.0.hook_resid_pre' exceed the float16"):
-        next(store.pieces())
+    stream = store.pieces()
+    with pytest.raises(Float16OverflowError, match=r"activations of hook 'blocks.0.hook_resid_pre' in buffer 0 exceed the float16"):
+        next(stream).finish()
+    stream.close()
     assert issubclass(Float16OverflowError, ValueError)
     assert all(not hp.fwd_hooks for hp in loud.model.hook_dict.values())  # the failed run removed its hooks
 
@@ -243,11 +258,12 @@ def test_float16_overflow_raises_before_anything_is_yielded(loud, rows):
 def test_float16_overflow_warns_and_counts_the_infs_when_asked(loud, rows):
     plan = plan_for(loud, ["blocks.0.hook_resid_pre"], n_rows=10, rows_per_buffer=10, dtype="float16")
     store = store_for(loud, rows, plan, dtype="float16", fp16_overflow="warn")
+    pieces = list(store.pieces())
     with pytest.warns(RuntimeWarning, match="float16 range"):
-        columns = joined(list(store.pieces()))
-    values = columns["blocks.0.hook_resid_pre"]
+        final = finished(pieces)
+    values = joined(pieces)["blocks.0.hook_resid_pre"]
     assert values.dtype == np.float16 and np.isinf(values).any()
-    assert store.stats["blocks.0.hook_resid_pre"].n_inf_after_cast == np.isinf(values).sum()
+    assert final["blocks.0.hook_resid_pre"].n_inf_after_cast == np.isinf(values).sum()
 
 
 # -- running out of data ------------------------------------------------------------------------------

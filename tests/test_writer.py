@@ -31,7 +31,7 @@ BUFFERS = [[3, 3, 1], [2], [3, 3]]  # rows of each piece of each buffer
 
 
 def new_tensors() -> dict[str, torch.Tensor]:
-    return allocate_piece({HOOK: D}, PIECE_ROWS, LENGTH, torch.float32, pin=False, labels=LABELS)
+    return allocate_piece({HOOK: D}, PIECE_ROWS, LENGTH, "float32", pin=False, labels=LABELS)
 
 
 def fill(tensors: dict[str, torch.Tensor], first_row: int, n_rows: int) -> dict[str, np.ndarray]:
@@ -165,7 +165,7 @@ def test_disk_full_is_a_clear_resumable_error_and_removes_the_partial_shard(tmp_
                 expected.append(values)
     assert error.value.errno == errno.ENOSPC
     assert str(error.value) == (
-        f"[Errno {errno.ENOSPC}] disk full while writing shard 1 in {tmp_path}: the 1 shard(s) before it are kept. "
+        f"[Errno {errno.ENOSPC}] disk full while writing shard 1 in {tmp_path}: the 1 buffer(s) before it are kept. "
         "Free some space, then rerun with resume=True."
     )
     monkeypatch.undo()
