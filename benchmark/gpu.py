@@ -187,7 +187,7 @@ class SyntheticProducer(ModelAdapter):
     kind = "synthetic"
 
     def __init__(self, shape: Shape, device: str) -> None:
-        super().__init__(None)
+        super().__init__(torch.nn.Module())  # no parameters, nothing to hook: the adapter records by itself
         self.shape = shape
         generator = torch.Generator(device).manual_seed(0)
         size = (shape.batch, shape.context, shape.d_model)

@@ -248,7 +248,9 @@ def test_float16_overflow_raises_before_the_piece_holding_infs_is_written(loud, 
     plan = plan_for(loud, ["blocks.0.hook_resid_pre"], n_rows=10, rows_per_buffer=10, dtype="float16")
     store = store_for(loud, rows, plan, dtype="float16")
     stream = store.pieces()
-    with pytest.raises(Float16OverflowError, match=r"activations of hook 'blocks.0.hook_resid_pre' in buffer 0 exceed the float16"):
+    with pytest.raises(
+        Float16OverflowError, match=r"activations of hook 'blocks.0.hook_resid_pre' in buffer 0 exceed the float16"
+    ):
         next(stream).finish()
     stream.close()
     assert issubclass(Float16OverflowError, ValueError)
