@@ -9,11 +9,11 @@ asked, and returns the dataset as loaded from disk. It hands each stage the fiel
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from sae_cache.data import (
     InputColumn,
     SpecialTokens,
     check_dataset_size,
+    check_token_ids,
     find_column,
     first_row,
     label_dtypes,
@@ -37,14 +38,17 @@ from sae_cache.data import (
     resolve_special_tokens,
     row_tokenizer,
     token_rows,
+    vocab_size,
 )
-from sae_cache.files import read_json
+from sae_cache.files import disk_full, read_json
 from sae_cache.metadata import METADATA_FILE, activations_metadata, output_fields, run_identity
 from sae_cache.model import ModelAdapter, adapt, load_model
 from sae_cache.plan import CachePlan, make_plan
 from sae_cache.publish import (
     RunPaths,
+    check_disk_space,
     check_output,
+    continues_work,
     finish_staging,
     is_complete_cache,
     link_shards,
@@ -59,7 +63,6 @@ from sae_cache.store import ActivationsStore, resolve_forward_threads
 from sae_cache.writer import ShardWriter
 
 logger = logging.getLogger("sae_cache")
-DISK_MARGIN = 1.05
 
 
 @dataclass
@@ -84,6 +87,7 @@ class CacheActivationsRunner:
         self._model = model
         self._resolved: _Resolved | None = None
         self.paths = RunPaths(Path(cfg.new_cached_activations_path))  # type: ignore[arg-type]
+        self.computed_tokens = 0  # tokens run() put through the model (less than the plan's when it resumed)
 
     @property
     def plan(self) -> CachePlan:
@@ -134,9 +138,17 @@ class CacheActivationsRunner:
         check_output(self.paths, field="new_cached_activations_path", overwrite=cfg.overwrite, resume=cfg.resume)
         plan = self._resolve().plan
         if self.ranks.is_main:
-            self._check_disk_space(plan)
+            identity = run_identity(cfg, plan)
+            rows, written = self._written() if continues_work(self.paths, identity, resume=cfg.resume) else (0, 0)
+            check_disk_space(self.paths.out, plan.peak_disk_bytes, written)
             logger.info("%s", self)
-            start_work(self.paths, run_identity(cfg, plan), overwrite=cfg.overwrite, resume=cfg.resume)
+            start_work(self.paths, identity, overwrite=cfg.overwrite, resume=cfg.resume)
+            self.computed_tokens = plan.n_tokens - rows * plan.sliced_context_size
+
+    def _written(self) -> tuple[int, int]:
+        """Rows and bytes of every rank's complete shards: what a resumed run keeps."""
+        done = [self._shard_files(r).written(self._rank_plan(r).n_buffers) for r in range(self.ranks.world)]
+        return sum(rows for rows, _ in done), sum(size for _, size in done)
 
     # -- resolution and checks (before any forward pass) -------------------------------------------
 
@@ -153,7 +165,7 @@ class CacheActivationsRunner:
             trust_remote_code=cfg.dataset_trust_remote_code,
             override=self.override_dataset,
         )
-        row = first_row(dataset)
+        row = first_row(dataset, dataset_path=None if self.override_dataset is not None else cfg.dataset_path)
         column = find_column(row, chat=cfg.use_chat_formatting)
         context_size = resolve_context_size(
             column,
@@ -163,6 +175,15 @@ class CacheActivationsRunner:
             disable_concat=cfg.disable_concat_sequences,
         )
         model = self._load_model()
+        if column.pretokenized:
+            check_token_ids(f"the pretokenized column {column.name!r}", row[column.name], vocab_size(model.tokenizer))
+        special = resolve_special_tokens(
+            model.tokenizer,
+            prepend_bos=cfg.prepend_bos,
+            sequence_separator_token=cfg.sequence_separator_token,
+            exclude_special_tokens=cfg.exclude_special_tokens,
+        )
+        labels = label_dtypes(column, row, label_columns=cfg.label_columns, disable_concat=cfg.disable_concat_sequences)
         model.check_hooks(cfg.hook_names)
         if model.n_ctx is not None and context_size > model.n_ctx:
             raise ValueError(
@@ -171,13 +192,6 @@ class CacheActivationsRunner:
             )
         hook_dims = model.hook_dims(cfg.hook_names)
         self._check_d_in(hook_dims)
-        special = resolve_special_tokens(
-            model.tokenizer,
-            prepend_bos=cfg.prepend_bos,
-            sequence_separator_token=cfg.sequence_separator_token,
-            exclude_special_tokens=cfg.exclude_special_tokens,
-        )
-        labels = label_dtypes(column, row, label_columns=cfg.label_columns, disable_concat=cfg.disable_concat_sequences)
         plan = make_plan(
             hook_dims=hook_dims,
             context_size=context_size,
@@ -196,14 +210,15 @@ class CacheActivationsRunner:
         cfg = self.cfg
         if self._model is not None:
             return adapt(self._model)
-        return load_model(
-            cfg.model_name,
-            model_class_name=cfg.model_class_name,
-            device=cfg.device,
-            from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
-            compile_llm=cfg.compile_llm,
-            compilation_mode=cfg.llm_compilation_mode,
-        )
+        with known_model(cfg.model_name):
+            return load_model(
+                cfg.model_name,
+                model_class_name=cfg.model_class_name,
+                device=cfg.device,
+                from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
+                compile_llm=cfg.compile_llm,
+                compilation_mode=cfg.llm_compilation_mode,
+            )
 
     def _check_d_in(self, hook_dims: dict[str, int]) -> None:
         if self.cfg.d_in == UNSET:
@@ -233,18 +248,6 @@ class CacheActivationsRunner:
             return False
         logger.info("%s is already complete for this configuration", out)
         return True
-
-    def _check_disk_space(self, plan: CachePlan) -> None:
-        anchor = self.paths.out
-        while not anchor.exists():
-            anchor = anchor.parent
-        free = shutil.disk_usage(anchor).free
-        needed = int(plan.peak_disk_bytes * DISK_MARGIN)
-        if free < needed:
-            raise OSError(
-                f"not enough disk space at {anchor}: the cache needs up to {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB "
-                "are free. Lower training_tokens, use dtype='float16', or choose another new_cached_activations_path."
-            )
 
     # -- shards -------------------------------------------------------------------------------------
 
@@ -297,6 +300,7 @@ class CacheActivationsRunner:
             special=resolved.special,
             disable_concat=cfg.disable_concat_sequences,
             label_columns=cfg.label_columns,
+            vocab=vocab_size(resolved.model.tokenizer),
         )
         return ActivationsStore(
             resolved.model,
@@ -336,7 +340,8 @@ class CacheActivationsRunner:
         metadata = activations_metadata(
             cfg, plan, stats=stats, tokenizer=resolved.model.tokenizer, world_size=self.ranks.world
         )
-        with publishing(self.paths) as staging:
+        doing = f"{'shuffling' if cfg.shuffle else 'publishing'} the cache in {self.paths.work}"
+        with disk_full(doing, f"the {len(shard_paths)} complete shard(s) are kept"), publishing(self.paths) as staging:
             if cfg.shuffle:
                 names = shuffle_shards(
                     shard_paths,
@@ -365,3 +370,19 @@ class CacheActivationsRunner:
             revision=cfg.hf_revision,
             private=cfg.hf_is_private_repo,
         )
+
+
+@contextlib.contextmanager
+def known_model(model_name: str) -> Iterator[None]:
+    """Around loading `model_name`: TransformerLens's answer to a name it does not know (a list of every model it
+    knows, thousands of characters) becomes one line."""
+    try:
+        yield
+    except ValueError as e:
+        if "Valid official model names" not in str(e):
+            raise
+        raise ValueError(
+            f"model_name={model_name!r} is not a model TransformerLens knows: check the spelling (its names: "
+            "transformer_lens.loading.OFFICIAL_MODEL_NAMES), or load the model yourself and pass "
+            "CacheActivationsRunner(cfg, model=...)."
+        ) from None

@@ -12,7 +12,6 @@ call; `close()` waits for the last shard.
 
 from __future__ import annotations
 
-import errno
 import queue
 import threading
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import torch
 from datasets import Features
 
 from sae_cache.arrow_format import ArrowFileWriter
-from sae_cache.files import write_json_atomic
+from sae_cache.files import DiskFullError, disk_full, write_json_atomic
 from sae_cache.publish import ShardFiles
 from sae_cache.store import Piece
 
@@ -115,25 +114,22 @@ class ShardWriter:
 
     def _write(self, piece: Piece, manifest: dict) -> None:
         partial = self.files.partial(piece.index)
+        kept = f"the {piece.index} shard(s) before it are kept"
         try:
-            if piece.first:
-                self._open = ArrowFileWriter(partial, self.features, direct_io=self.direct_io)
-            assert self._open is not None, "a shard's pieces arrive in order, its first piece first"
-            self._open.write(piece.columns())
-            shard_rows = self._open.rows
-            if piece.last:
-                self._open.close()
-                self._open = None
+            with disk_full(f"writing shard {piece.index} in {self.files.directory}", kept):
+                if piece.first:
+                    self._open = ArrowFileWriter(partial, self.features, direct_io=self.direct_io)
+                assert self._open is not None, "a shard's pieces arrive in order, its first piece first"
+                self._open.write(piece.columns())
+                shard_rows = self._open.rows
+                if piece.last:
+                    self._open.close()
+                    self._open = None
         except OSError as e:
             self._open = None
-            if e.errno != errno.ENOSPC:
-                raise
-            partial.unlink(missing_ok=True)
-            raise OSError(
-                errno.ENOSPC,
-                f"disk full while writing shard {piece.index} in {self.files.directory}: the {piece.index} shard(s) "
-                "before it are kept. Free some space, then rerun with resume=True.",
-            ) from e
+            if isinstance(e, DiskFullError):
+                partial.unlink(missing_ok=True)
+            raise
         if piece.last:
             partial.replace(self.files.shard(piece.index))
             rows = {"rows": shard_rows, "next_batch": piece.next_batch, "next_skip": piece.next_skip}
