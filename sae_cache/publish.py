@@ -156,17 +156,25 @@ def _check_writable(paths: RunPaths, field: str) -> None:
     if not anchor.is_dir():
         raise ValueError(f"{field}={str(paths.out)!r} cannot be created: {anchor} is a file, not a directory.")
     for place in (anchor, *([paths.out] if paths.out.is_dir() else [])):
-        if not os.access(place, os.W_OK | os.X_OK):
-            raise ValueError(f"{field}={str(paths.out)!r} cannot be written: {place} {_why_not_writable(place)}.")
+        reason = why_not_writable(place)
+        if reason:
+            raise ValueError(
+                f"{field}={str(paths.out)!r} cannot be written: {place}: {reason}. Choose another path, or make "
+                f"{place} writable."
+            )
 
 
-def _why_not_writable(path: Path) -> str:
-    if os.statvfs(path).f_flag & os.ST_RDONLY:
-        return "is on a read-only filesystem: choose a path on a writable disk"
-    return (
-        f"is not writable by this user (permission denied, mode {oct(path.stat().st_mode & 0o777)}): "
-        "choose another path, or make it writable"
-    )
+def why_not_writable(directory: Path) -> str | None:
+    """Why this process cannot create entries in `directory`, in the OS's words (e.g. "Read-only file system",
+    "Permission denied"); None when it can."""
+    if os.access(directory, os.W_OK | os.X_OK):
+        return None
+    try:  # os.access gives no reason: libc's access() sets errno
+        if ctypes.CDLL(None, use_errno=True).access(os.fsencode(directory), os.W_OK | os.X_OK) != 0:
+            return os.strerror(ctypes.get_errno())
+    except (OSError, AttributeError):
+        pass
+    return "Permission denied"
 
 
 def existing_ancestor(path: Path) -> Path:
