@@ -97,7 +97,7 @@ def _load(dataset_path: str, *, streaming: bool, trust_remote_code: bool | None)
 def reading(dataset_path: str) -> Iterator[None]:
     """What datasets raises for local data without rows (an empty save_to_disk directory, an empty data file), as
     one ValueError that names dataset_path."""
-    handlers = logging.getLogger("datasets").handlers
+    handlers = [*logging.getLogger("datasets").handlers, *logging.getLogger().handlers]  # where its records go
     for handler in handlers:
         handler.addFilter(_quiet_read_errors)  # datasets logs the error it then raises: ours says it once
     try:
