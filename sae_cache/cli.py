@@ -113,19 +113,19 @@ def build_parser(
     for f in dataclasses.fields(config_cls):
         options = _SPECIAL.get(f.name) or {"type": _BY_ANNOTATION[str(f.type)], "metavar": str(f.type).upper()}
         help_text = get_attribute_docstring(config_cls, f.name).docstring_below or ""
-        help_text = f"{help_text} (default: {default_text(f)})"
+        help_text = f"{help_text} ({default_text(f)})"
         parser.add_argument(f"--{f.name}", help=help_text.replace("%", "%%"), **options)
     return parser
 
 
 def default_text(f: dataclasses.Field) -> str:
-    """A field's default as it is written on the command line."""
+    """ "default: X" with a field's default as it is written on the command line, or "required"."""
     if f.default_factory is default_device:  # type: ignore[comparison-overlap]
-        return "cuda when available, else cpu"
+        return "default: cuda when available, else cpu"
     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
         return "required"
     value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-    return _flag_text(value)
+    return f"default: {_flag_text(value)}"
 
 
 def _flag_text(value: Any) -> str:
