@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict,
 from datasets.exceptions import DatasetGenerationError
 
 from sae_cache.config import UNSET
+from sae_cache.files import access_denied
 from sae_cache.tokenization import pack_sequences, resolve_special_token, truncate_pretokenized
 
 TOKEN_COLUMNS = ("tokens", "input_ids")
@@ -77,6 +79,9 @@ def _load(dataset_path: str, *, streaming: bool, trust_remote_code: bool | None)
             f"dataset_path={dataset_path!r} is a file: datasets (and SAELens) open a directory of data files, a "
             "save_to_disk directory or a Hub name. Put the file in a directory of its own and pass the directory."
         )
+    denied = access_denied(path, os.R_OK | os.X_OK) if path.is_dir() else None
+    if denied:
+        raise ValueError(f"dataset_path={dataset_path!r} cannot be read: {denied}.")
     with reading(dataset_path):
         if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
             return load_from_disk(dataset_path)

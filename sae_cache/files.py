@@ -3,12 +3,14 @@ error a full disk becomes.
 
 `write_json_atomic` writes through a temporary file, fsyncs it and renames it, so a reader (or a
 resumed run) sees the old file or the new one, never half of one. `disk_full` turns a write that found no
-space (ENOSPC, or EDQUOT: over quota) into a `DiskFullError` that says what is kept and how to resume.
+space (ENOSPC, or EDQUOT: over quota) into a `DiskFullError` that says what is kept and how to resume;
+`access_denied` says why a path may not be read or written, in the OS's words.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -61,3 +63,16 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def access_denied(path: Path, mode: int) -> str | None:
+    """Why this process may not access `path` in `mode` (os.R_OK, os.W_OK, os.X_OK), in the OS's words (e.g.
+    "Permission denied", "Read-only file system"); None when it may."""
+    if os.access(path, mode):
+        return None
+    try:  # os.access gives no reason: libc's access() sets errno
+        if ctypes.CDLL(None, use_errno=True).access(os.fsencode(path), mode) != 0:
+            return os.strerror(ctypes.get_errno())
+    except (OSError, AttributeError):
+        pass
+    return "Permission denied"

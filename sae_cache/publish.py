@@ -47,7 +47,7 @@ from datasets import Features
 
 from sae_cache.arrow_format import data_file_name, write_dataset_files
 from sae_cache.checks import check_output_path, protected_path
-from sae_cache.files import DiskFullError, fsync_path, read_json, write_json_atomic
+from sae_cache.files import DiskFullError, access_denied, fsync_path, read_json, write_json_atomic
 from sae_cache.metadata import METADATA_FILE
 
 WORK_SUFFIX = ".sae_cache-tmp"
@@ -156,25 +156,12 @@ def _check_writable(paths: RunPaths, field: str) -> None:
     if not anchor.is_dir():
         raise ValueError(f"{field}={str(paths.out)!r} cannot be created: {anchor} is a file, not a directory.")
     for place in (anchor, *([paths.out] if paths.out.is_dir() else [])):
-        reason = why_not_writable(place)
+        reason = access_denied(place, os.W_OK | os.X_OK)
         if reason:
             raise ValueError(
                 f"{field}={str(paths.out)!r} cannot be written: {place}: {reason}. Choose another path, or make "
                 f"{place} writable."
             )
-
-
-def why_not_writable(directory: Path) -> str | None:
-    """Why this process cannot create entries in `directory`, in the OS's words (e.g. "Read-only file system",
-    "Permission denied"); None when it can."""
-    if os.access(directory, os.W_OK | os.X_OK):
-        return None
-    try:  # os.access gives no reason: libc's access() sets errno
-        if ctypes.CDLL(None, use_errno=True).access(os.fsencode(directory), os.W_OK | os.X_OK) != 0:
-            return os.strerror(ctypes.get_errno())
-    except (OSError, AttributeError):
-        pass
-    return "Permission denied"
 
 
 def existing_ancestor(path: Path) -> Path:

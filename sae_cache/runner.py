@@ -142,7 +142,8 @@ class CacheActivationsRunner:
             rows, written = self._written() if continues_work(self.paths, identity, resume=cfg.resume) else (0, 0)
             check_disk_space(self.paths.out, plan.peak_disk_bytes, written)
             logger.info("%s", self)
-            start_work(self.paths, identity, overwrite=cfg.overwrite, resume=cfg.resume)
+            with disk_full(f"starting the run in {self.paths.work}", "nothing was computed yet"):
+                start_work(self.paths, identity, overwrite=cfg.overwrite, resume=cfg.resume)
             self.computed_tokens = plan.n_tokens - rows * plan.sliced_context_size
 
     def _written(self) -> tuple[int, int]:
@@ -361,15 +362,18 @@ class CacheActivationsRunner:
 
     def _push(self) -> None:
         cfg = self.cfg
-        hub.push_cache(
-            self.paths.out,
-            repo_id=cfg.hf_repo_id,  # type: ignore[arg-type]
-            export_dir=self.paths.hub,
-            config=cfg.to_dict(),
-            num_shards=cfg.hf_num_shards,
-            revision=cfg.hf_revision,
-            private=cfg.hf_is_private_repo,
-        )
+        with disk_full(
+            f"exporting the cache for the Hub in {self.paths.hub}", f"the cache at {self.paths.out} is complete"
+        ):
+            hub.push_cache(
+                self.paths.out,
+                repo_id=cfg.hf_repo_id,  # type: ignore[arg-type]
+                export_dir=self.paths.hub,
+                config=cfg.to_dict(),
+                num_shards=cfg.hf_num_shards,
+                revision=cfg.hf_revision,
+                private=cfg.hf_is_private_repo,
+            )
 
 
 @contextlib.contextmanager

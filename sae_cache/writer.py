@@ -121,19 +121,17 @@ class ShardWriter:
                     self._open = ArrowFileWriter(partial, self.features, direct_io=self.direct_io)
                 assert self._open is not None, "a shard's pieces arrive in order, its first piece first"
                 self._open.write(piece.columns())
-                shard_rows = self._open.rows
                 if piece.last:
+                    rows = {"rows": self._open.rows, "next_batch": piece.next_batch, "next_skip": piece.next_skip}
                     self._open.close()
                     self._open = None
+                    partial.replace(self.files.shard(piece.index))
+                    write_json_atomic(self.files.manifest(piece.index), {**rows, **manifest})
         except OSError as e:
             self._open = None
             if isinstance(e, DiskFullError):
                 partial.unlink(missing_ok=True)
             raise
-        if piece.last:
-            partial.replace(self.files.shard(piece.index))
-            rows = {"rows": shard_rows, "next_batch": piece.next_batch, "next_skip": piece.next_skip}
-            write_json_atomic(self.files.manifest(piece.index), {**rows, **manifest})
         if self._thread is None:
             self._free.put(piece.tensors)
 

@@ -188,6 +188,33 @@ def test_a_read_only_filesystem_is_named(model, tmp_path, text_dataset, monkeypa
     assert f"cannot be written: {tmp_path}: Read-only file system" in message
 
 
+def test_a_dataset_directory_that_cannot_be_read_is_named(model, tmp_path, data, monkeypatch):
+    """Simulated at the system-call seam (root reads everything): access() fails with EACCES."""
+    import ctypes
+    import errno
+
+    class Libc:
+        def access(self, path, mode):
+            ctypes.set_errno(errno.EACCES)
+            return -1
+
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.R_OK)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, use_errno=False: Libc())
+    message = fails_cleanly(fields(tmp_path, dataset_path=str(data["texts"])), model)
+    assert message == f"dataset_path={str(data['texts'])!r} cannot be read: Permission denied."
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [({"seed": -1}, "seed=-1 must be an integer >= 0"), ({"output_path": "."}, "output_path='.' is the working")],
+)
+def test_targeted_caching_shares_the_checks(overrides, match):
+    from sae_cache.targeted import TargetedCacheConfig
+
+    with pytest.raises(ValueError, match=match):
+        TargetedCacheConfig(**{"output_path": "out", "hook_names": "blocks.0.hook_resid_post", **overrides})
+
+
 @pytest.mark.parametrize("where", ["cwd", "parent", "home", "root", "link"])
 def test_protected_output_paths_are_refused_even_with_overwrite(model, tmp_path, text_dataset, monkeypatch, where):
     """Also when the config was changed after it was checked: run() checks the resolved path again."""
