@@ -275,7 +275,7 @@ def _check_sizes(cfg: CacheActivationsRunnerConfig) -> None:
 
 def _check_seqpos_slice(cfg: CacheActivationsRunnerConfig) -> None:
     s = cfg.seqpos_slice
-    if not 1 <= len(s) <= 3 or any(v is not None and not isinstance(v, int) for v in s):
+    if not 1 <= len(s) <= 3 or any(v is not None and (isinstance(v, bool) or not isinstance(v, int)) for v in s):
         raise ValueError(f"seqpos_slice={s!r} must be 1 to 3 integers or None: (start, stop[, step]).")
     if len(s) == 3 and s[2] is not None and s[2] < 1:
         raise ValueError(f"seqpos_slice={s!r} has step {s[2]}: the step must be at least 1.")
@@ -336,6 +336,9 @@ def _check_labels(cfg: CacheActivationsRunnerConfig) -> None:
     labels = cfg.label_columns
     if isinstance(labels, str):
         cfg.label_columns = labels = [c.strip() for c in labels.split(",") if c.strip()]
+    if not isinstance(labels, list | tuple) or not all(isinstance(c, str) for c in labels):
+        raise ValueError(f"label_columns={labels!r} must be a list of column names (strings).")
+    cfg.label_columns = labels = list(labels)
     if not labels:
         return
     if cfg.shuffle_across_sequences:

@@ -102,6 +102,8 @@ def invalid_cases(vocab: int, *, cli: bool):
             lambda f: case(f, not_bool_word if cli else st.one_of(st.integers(0, 1), words, st.none()))
         ),
         python_only(case("model_kwargs", st.one_of(st.lists(st.integers()), words, st.integers()))),
+        python_only(case("label_columns", st.one_of(st.integers(), st.lists(st.integers(), min_size=1)))),
+        python_only(case("seqpos_slice", st.sampled_from([(True, None), (0, 2.5), ("1",)]))),
     )
 
 
