@@ -2,8 +2,8 @@
 
 The raise sites are read with ast: every `raise SomeError(<message>)` and `warnings.warn(<message>)` in sae_cache/
 whose message is a string or f-string. A message's template is its literal text with "…" for each formatted
-value; its longest literal stretch (cut at ": ", ". " and "; ") must appear in a table row of the doc. Messages built elsewhere and passed as
-a variable are listed in INDIRECT with a stretch of their text.
+value; its longest literal stretch (cut at ": ", ". " and "; ") must appear in a table row of the doc. Messages
+built elsewhere and passed as a variable are listed in INDIRECT with a stretch of their text.
 """
 
 from __future__ import annotations
