@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 from simple_parsing.docstring import get_attribute_docstring
 
-from sae_cache.config import MODEL_CLASSES, CacheActivationsRunnerConfig
+from sae_cache.config import MODEL_CLASSES, CacheActivationsRunnerConfig, default_device
+from sae_cache.recipe import saelens_recipe
 
 _NONE = ("none", "null")
 
@@ -114,8 +115,33 @@ def build_parser(
     for f in dataclasses.fields(config_cls):
         options = _SPECIAL.get(f.name) or {"type": _BY_ANNOTATION[str(f.type)], "metavar": str(f.type).upper()}
         help_text = get_attribute_docstring(config_cls, f.name).docstring_below or ""
+        help_text = f"{help_text} ({default_text(f)})"
         parser.add_argument(f"--{f.name}", help=help_text.replace("%", "%%"), **options)
     return parser
+
+
+def default_text(f: dataclasses.Field) -> str:
+    """ "default: X" with a field's default as it is written on the command line, or "required"."""
+    if f.default_factory is default_device:  # type: ignore[comparison-overlap]
+        return "default: cuda when available, else cpu"
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        return "required"
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return f"default: {_flag_text(value)}"
+
+
+def _flag_text(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return " ".join(_flag_text(v) for v in value)
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return f"{value:_}" if isinstance(value, int) and abs(value) >= 10_000 else str(value)
 
 
 def parse_config(
@@ -225,7 +251,6 @@ def _targeted(argv: list[str]) -> int:
         print(f"sae_cache: error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s")
-    from sae_cache.config import default_device
     from sae_cache.data import open_dataset
     from sae_cache.model import load_model
     from sae_cache.targeted import cache_targeted
@@ -301,17 +326,30 @@ def _hook_table(model: str, widths: dict[str, tuple[int | None, str]], *, show_a
 
 
 def _summary(runner, dataset) -> str:
-    plan = runner.plan
-    hook = runner.cfg.hook_names[0]
-    tokens_per_s = plan.n_tokens / max(runner.elapsed_s, 1e-9)
+    plan, cfg = runner.plan, runner.cfg
+    hook = cfg.hook_names[0]
+    tokens_per_s = runner.computed_tokens / max(runner.elapsed_s, 1e-9)
+    kept = plan.n_tokens - runner.computed_tokens
+    recipe = saelens_recipe(
+        cache=runner.paths.out,
+        hook=hook,
+        d_in=plan.hook_dims[hook],
+        context_size=plan.sliced_context_size,
+        n_rows=len(dataset),
+        model_name=cfg.model_name,
+        dataset_path=cfg.dataset_path,
+        device=cfg.device,
+    )
     return "\n".join(
         [
             f"done: {runner.paths.out}",
             f"  rows {len(dataset):,} x {plan.sliced_context_size} tokens, {plan.disk_bytes / 1e9:.3f} GB, "
             f"{runner.elapsed_s:.1f} s, {tokens_per_s:,.0f} tok/s",
-            "train an SAE with SAELens from it (LanguageModelSAERunnerConfig):",
-            f"  use_cached_activations=True, cached_activations_path={str(runner.paths.out)!r},",
-            f"  hook_name={hook!r}, context_size={plan.sliced_context_size}, d_in={plan.hook_dims[hook]}",
+            f"  {runner.computed_tokens:,} tokens computed in this run"
+            + (f" ({kept:,} were cached before it was interrupted)" if kept else ""),
+            f"train an SAE with SAELens from it (hook {hook}; change hook_name for another column):",
+            "",
+            recipe,
         ]
     )
 

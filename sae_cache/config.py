@@ -13,6 +13,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sae_cache.checks import check_field_types, check_minimums, check_output_path
 from sae_cache.columns import TOKEN_IDS
 from sae_cache.demo import DEMO_MODEL_NAME
 
@@ -252,34 +253,42 @@ def _normalise_dtype(dtype: Any) -> str:
     )
 
 
+# The least value of every integer field (None, or -1 where the field allows it, leaves a field unset).
+MINIMUMS = {
+    "model_batch_size": 1,
+    "training_tokens": 1,
+    "context_size": 1,
+    "d_in": 1,
+    "seed": 0,
+    "hf_num_shards": 1,
+    "forward_threads": 1,
+    "hook_layer": 0,
+}
+
+
+LEFT_UNSET = {
+    "context_size": (UNSET, "to take it from a pretokenized dataset"),
+    "d_in": (UNSET, "to read it from the model"),
+}
+
+
 def _check_sizes(cfg: CacheActivationsRunnerConfig) -> None:
-    for name in ("model_batch_size", "training_tokens"):
-        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
-            raise ValueError(f"{name}={getattr(cfg, name)!r} must be a positive integer.")
-    if cfg.context_size != UNSET and cfg.context_size < 1:
-        raise ValueError(
-            f"context_size={cfg.context_size} must be positive, or -1 to take it from a pretokenized dataset."
-        )
-    if cfg.d_in != UNSET and cfg.d_in < 1:
-        raise ValueError(f"d_in={cfg.d_in} must be positive, or -1 to read it from the model.")
+    check_field_types(cfg)
+    check_minimums(cfg, MINIMUMS, unset=LEFT_UNSET)
     if not cfg.buffer_size_gb > 0:
         raise ValueError(f"buffer_size_gb={cfg.buffer_size_gb} must be positive (e.g. 0.5 or 2.0).")
-    if cfg.hf_num_shards is not None and cfg.hf_num_shards < 1:
-        raise ValueError(f"hf_num_shards={cfg.hf_num_shards} must be at least 1, or None.")
-    if cfg.forward_threads is not None and (
-        isinstance(cfg.forward_threads, bool) or not isinstance(cfg.forward_threads, int) or cfg.forward_threads < 1
-    ):
-        raise ValueError(f"forward_threads={cfg.forward_threads!r} must be a positive integer, or None (automatic).")
     if cfg.context_size != UNSET and cfg.context_size > cfg.training_tokens:
         raise ValueError(
             f"context_size ({cfg.context_size}) is greater than training_tokens ({cfg.training_tokens}): "
             "reduce context_size or increase training_tokens."
         )
+    if cfg.new_cached_activations_path is not None:
+        check_output_path(cfg.new_cached_activations_path, field="new_cached_activations_path")
 
 
 def _check_seqpos_slice(cfg: CacheActivationsRunnerConfig) -> None:
     s = cfg.seqpos_slice
-    if not 1 <= len(s) <= 3 or any(v is not None and not isinstance(v, int) for v in s):
+    if not 1 <= len(s) <= 3 or any(v is not None and (isinstance(v, bool) or not isinstance(v, int)) for v in s):
         raise ValueError(f"seqpos_slice={s!r} must be 1 to 3 integers or None: (start, stop[, step]).")
     if len(s) == 3 and s[2] is not None and s[2] < 1:
         raise ValueError(f"seqpos_slice={s!r} has step {s[2]}: the step must be at least 1.")
@@ -345,6 +354,9 @@ def _check_labels(cfg: CacheActivationsRunnerConfig) -> None:
     labels = cfg.label_columns
     if isinstance(labels, str):
         cfg.label_columns = labels = [c.strip() for c in labels.split(",") if c.strip()]
+    if not isinstance(labels, list | tuple) or not all(isinstance(c, str) for c in labels):
+        raise ValueError(f"label_columns={labels!r} must be a list of column names (strings).")
+    cfg.label_columns = labels = list(labels)
     if not labels:
         return
     if cfg.shuffle_across_sequences:

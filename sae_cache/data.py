@@ -9,16 +9,22 @@ it needs, not the whole config.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 
 from sae_cache.config import UNSET
+from sae_cache.files import access_denied
 from sae_cache.tokenization import pack_sequences, resolve_special_token, truncate_pretokenized
 
 TOKEN_COLUMNS = ("tokens", "input_ids")
@@ -49,10 +55,8 @@ def open_dataset(
         dataset = override
     elif dataset_path == DEMO_DATASET_NAME:
         dataset = load_demo_dataset()
-    elif (Path(dataset_path) / "state.json").exists() or (Path(dataset_path) / "dataset_dict.json").exists():
-        dataset = load_from_disk(dataset_path)
     else:
-        dataset = load_dataset(dataset_path, split="train", streaming=streaming, trust_remote_code=trust_remote_code)
+        dataset = _load(dataset_path, streaming=streaming, trust_remote_code=trust_remote_code)
     if isinstance(dataset, DatasetDict | IterableDatasetDict):
         if "train" not in dataset:
             raise ValueError(f"dataset {dataset_path!r} has splits {list(dataset)} but no 'train' split to read.")
@@ -64,11 +68,71 @@ def open_dataset(
     return dataset
 
 
-def first_row(dataset: Dataset | IterableDataset) -> dict:
-    """The first row of the dataset (an error if it has none)."""
-    for row in dataset:
-        return row
-    raise ValueError("the dataset is empty: point dataset_path at a dataset with rows.")
+def _load(dataset_path: str, *, streaming: bool, trust_remote_code: bool | None) -> Any:
+    """A local directory (save_to_disk output, or data files) or a Hub dataset; what goes wrong is one ValueError
+    that names dataset_path."""
+    path = Path(dataset_path)
+    if not dataset_path.strip():
+        raise ValueError("dataset_path is empty: name a Hub dataset or a local directory, or pass override_dataset.")
+    if path.is_file():
+        raise ValueError(
+            f"dataset_path={dataset_path!r} is a file: datasets (and SAELens) open a directory of data files, a "
+            "save_to_disk directory or a Hub name. Put the file in a directory of its own and pass the directory."
+        )
+    denied = access_denied(path, os.R_OK | os.X_OK) if path.is_dir() else None
+    if denied:
+        raise ValueError(f"dataset_path={dataset_path!r} cannot be read: {denied}.")
+    with reading(dataset_path):
+        if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+            return load_from_disk(dataset_path)
+        if path.is_dir():
+            return load_dataset(dataset_path, split="train", streaming=streaming, trust_remote_code=trust_remote_code)
+    if path.is_absolute() or dataset_path.startswith(("./", "../", "~")):
+        raise ValueError(f"dataset_path={dataset_path!r} does not exist: check the path.")
+    try:
+        return load_dataset(dataset_path, split="train", streaming=streaming, trust_remote_code=trust_remote_code)
+    except (FileNotFoundError, ConnectionError) as e:
+        raise ValueError(
+            f"dataset_path={dataset_path!r} is not a local directory, and datasets could not open it as a Hugging "
+            f"Face Hub dataset ({_cause(e)}): check the path or the name."
+        ) from None
+
+
+@contextlib.contextmanager
+def reading(dataset_path: str) -> Iterator[None]:
+    """What datasets raises for local data without rows (an empty save_to_disk directory, an empty data file), as
+    one ValueError that names dataset_path."""
+    handlers = [*logging.getLogger("datasets").handlers, *logging.getLogger().handlers]  # where its records go
+    for handler in handlers:
+        handler.addFilter(_quiet_read_errors)  # datasets logs the error it then raises: ours says it once
+    try:
+        yield
+    except (StopIteration, IndexError, pa.ArrowInvalid, DatasetGenerationError) as e:
+        raise ValueError(
+            f"dataset_path={dataset_path!r} has no rows that datasets can read ({_cause(e.__cause__ or e)}): point "
+            "dataset_path at a dataset with rows (an empty data file gives this error)."
+        ) from None
+    finally:
+        for handler in handlers:
+            handler.removeFilter(_quiet_read_errors)
+
+
+def _quiet_read_errors(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to read file")
+
+
+def _cause(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def first_row(dataset: Dataset | IterableDataset, *, dataset_path: str | None = None) -> dict:
+    """The first row of the dataset (an error if it has none); dataset_path: the path it was opened from."""
+    with reading(dataset_path) if dataset_path is not None else contextlib.nullcontext():
+        for row in dataset:
+            return row
+    where = f"dataset_path={dataset_path!r}" if dataset_path is not None else "override_dataset"
+    raise ValueError(f"the dataset is empty ({where} holds no rows): point it at a dataset with rows.")
 
 
 def find_column(row: dict, *, chat: bool) -> InputColumn:
@@ -119,15 +183,44 @@ def resolve_special_tokens(
     sequence_separator_token: int | str | None,
     exclude_special_tokens: bool | list[int],
 ) -> SpecialTokens:
-    """BOS (when prepend_bos), the sequence separator and the excluded ids, each a clear error when missing."""
+    """BOS (when prepend_bos), the sequence separator and the excluded ids, each a clear error when missing or
+    outside the tokenizer's vocabulary."""
     separator = None
     if tokenizer is not None:
         separator = resolve_special_token(sequence_separator_token, tokenizer, field="sequence_separator_token")
-    return SpecialTokens(
+    special = SpecialTokens(
         bos=tokenizer.bos_token_id if prepend_bos and tokenizer is not None else None,
         separator=separator,
         excluded=special_token_ids(exclude_special_tokens, tokenizer),
     )
+    vocab = vocab_size(tokenizer)
+    check_token_ids("sequence_separator_token", [] if separator is None else [separator], vocab)
+    check_token_ids("exclude_special_tokens", special.excluded or [], vocab)
+    return special
+
+
+def vocab_size(tokenizer) -> int | None:
+    """How many token ids the tokenizer has (ids are 0 to vocab_size - 1); None without a tokenizer."""
+    return None if tokenizer is None else len(tokenizer)
+
+
+def check_token_ids(field: str, ids: Iterable[int], vocab: int | None) -> None:
+    """Every token id a user gives must be one of the tokenizer's: the model has no embedding for any other."""
+    outside = sorted({int(i) for i in ids if vocab is not None and not 0 <= int(i) < vocab})
+    if outside:
+        raise ValueError(
+            f"{field} gives token id(s) {outside[:5]} outside the tokenizer's vocabulary of {vocab:,} ids "
+            f"(0 to {vocab - 1:,}): use ids below {vocab:,}."
+        )
+
+
+def _within_vocab(rows: Iterator, vocab: int | None, field: str) -> Iterator:
+    """The rows (or (row, labels) pairs) of a pretokenized dataset, each checked against the vocabulary."""
+    for item in rows:
+        tokens = item[0] if isinstance(item, tuple) else item
+        if vocab is not None and len(tokens) and not (0 <= int(tokens.min()) and int(tokens.max()) < vocab):
+            check_token_ids(field, tokens.tolist(), vocab)
+        yield item
 
 
 def special_token_ids(exclude_special_tokens: bool | list[int], tokenizer) -> list[int] | None:
@@ -159,16 +252,20 @@ def token_rows(
     special: SpecialTokens,
     disable_concat: bool = False,
     label_columns: list[str] | None = None,
+    vocab: int | None = None,
 ) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, dict]]:
     """Token rows of exactly context_size tokens, as SAELens's ActivationsStore builds them.
 
-    With label_columns every item is a (row, labels) pair: each row comes from one input row.
+    With label_columns every item is a (row, labels) pair: each row comes from one input row. A pretokenized
+    row holding an id outside the vocabulary (`vocab` ids) is a ValueError, not a failed forward pass.
     """
+    where = f"the pretokenized column {column.name!r}"
     if label_columns:
-        return _labeled_rows(dataset, column, tokenize, context_size, special, label_columns)
+        rows = _labeled_rows(dataset, column, tokenize, context_size, special, label_columns)
+        return _within_vocab(rows, vocab, where) if column.pretokenized else rows
     values = (row[column.name] for row in dataset)
     if column.pretokenized:
-        return truncate_pretokenized(values, context_size=context_size)
+        return _within_vocab(truncate_pretokenized(values, context_size=context_size), vocab, where)
     return pack_sequences(
         map(tokenize, values),
         context_size=context_size,

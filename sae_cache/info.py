@@ -20,6 +20,10 @@ from sae_cache.storage_formats import QUALITY_NOTE, storage_format
 
 def describe(path: Path) -> str:
     """A summary of the cache at `path`; raises ValueError when it is not a complete, consistent cache."""
+    if not path.exists():
+        raise ValueError(f"{path} does not exist: give the directory of a cache (its new_cached_activations_path).")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file: give the directory of a cache (its new_cached_activations_path).")
     if not (path / METADATA_FILE).is_file():
         raise ValueError(f"{path} is not a complete sae_cache cache (no {METADATA_FILE}).")
     meta = read_json(path / METADATA_FILE)

@@ -9,24 +9,37 @@ A cache at `out` is made in its sibling work directory `<out>.sae_cache-tmp`:
     layout.json                  the shuffle written in place: staging's data files are laid out
     hub/                         the Parquet export pushed to the Hub
 
-`check_output` refuses an output path a run must not replace. `publishing(paths)` hands out a fresh
-staging directory (or, with fresh=False, the one the shuffle written in place has filled) and, when the
-block ends normally, puts it in place with a backup-and-rename swap (in the manner of datasets'
-`incomplete_dir`):
+`check_output` refuses an output path a run must not write (a protected directory, a file, a cache or
+other files without overwrite, a directory the user cannot write, with the real cause), and
+`check_disk_space` a run the free space cannot hold (counting what a resumed run has already written).
+`publishing(paths)` hands out a fresh staging directory (or, with fresh=False, the one the shuffle written
+in place has filled) and, when the block ends normally, puts it in place (in the manner of datasets'
+`incomplete_dir`). Over an existing cache, the swap is one atomic exchange where the OS has it (Linux
+renameat2 RENAME_EXCHANGE), so that the output path always holds a complete cache:
+
+    exchange staging <-> out;  remove the old cache (now at staging)
+
+and a backup-and-rename where it has not (ENOSYS, EINVAL, ENOTSUP: other systems, some filesystems):
 
     out -> out.sae_cache-backup;  staging -> out;  remove backup
 
 Any failure rolls back (the backup is renamed back); `repair_interrupted_swap` finishes or undoes a
-swap that a killed process left half done. A cache is complete once its metadata file, written last
-by `finish_staging`, is there. Shards become data files without rewriting their bytes (hard links;
+backup-and-rename that a killed process left half done (an interrupted exchange leaves the old cache in
+the work directory, which the next run removes with it). A cache is complete once its metadata file,
+written last by `finish_staging`, is there. Shards become data files without rewriting their bytes (hard links;
 copies only where a filesystem has none). Nothing outside `out` and its two siblings is touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
+import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +47,15 @@ from pathlib import Path
 from datasets import Features
 
 from sae_cache.arrow_format import data_file_name, write_dataset_files
-from sae_cache.files import fsync_path, read_json, write_json_atomic
+from sae_cache.checks import check_output_path, protected_path
+from sae_cache.files import DiskFullError, access_denied, fsync_path, read_json, write_json_atomic
 from sae_cache.metadata import METADATA_FILE
 
 WORK_SUFFIX = ".sae_cache-tmp"
 BACKUP_SUFFIX = ".sae_cache-backup"
+DISK_MARGIN = 1.05  # free space asked for beyond the plan's peak
+RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h)
+NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}  # the OS or filesystem has no exchange
 
 
 def _no_fault(step: str) -> None:
@@ -72,6 +89,11 @@ class ShardFiles:
 
     def read_manifest(self, index: int) -> dict:
         return read_json(self.manifest(index))
+
+    def written(self, n_buffers: int) -> tuple[int, int]:
+        """Rows and bytes of the complete shards, from the first: what a resumed run keeps."""
+        done = range(self.n_complete(n_buffers))
+        return sum(self.read_manifest(i)["rows"] for i in done), sum(self.shard(i).stat().st_size for i in done)
 
 
 @dataclass(frozen=True)
@@ -112,9 +134,11 @@ def is_empty_dir(path: Path) -> bool:
 
 
 def check_output(paths: RunPaths, *, field: str, overwrite: bool, resume: bool | None) -> None:
-    """Refuse an output path the run must not write: a file, a cache or other files (without overwrite),
-    an interrupted run's work directory (without resume or overwrite). resume=None: the run cannot resume."""
+    """Refuse an output path the run must not write: a protected directory (even with overwrite), a file, a
+    cache or other files (without overwrite), an interrupted run's work directory (without resume or
+    overwrite), a place the user cannot write. resume=None: the run cannot resume."""
     out = paths.out
+    check_output_path(out, field=field, resolve=True)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{field}={str(out)!r} is a file: choose a directory path.")
     if out.exists() and not is_empty_dir(out) and not (overwrite or (resume and _started_as_overwrite(paths))):
@@ -125,6 +149,52 @@ def check_output(paths: RunPaths, *, field: str, overwrite: bool, resume: bool |
         if resume is not None:
             fix = "pass resume=True to continue it or overwrite=True to start over"
         raise ValueError(f"{paths.work} holds an interrupted run: {fix}.")
+    _check_writable(paths, field)
+
+
+def _check_writable(paths: RunPaths, field: str) -> None:
+    """The run creates `out` and its siblings in out's parent, and moves `out` when it replaces it."""
+    anchor = existing_ancestor(paths.out.parent)
+    if not anchor.is_dir():
+        raise ValueError(f"{field}={str(paths.out)!r} cannot be created: {anchor} is a file, not a directory.")
+    for place in (anchor, *([paths.out] if paths.out.is_dir() else [])):
+        reason = access_denied(place, os.W_OK | os.X_OK)
+        if reason:
+            raise ValueError(
+                f"{field}={str(paths.out)!r} cannot be written: {place}: {reason}. Choose another path, or make "
+                f"{place} writable."
+            )
+
+
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself when it exists, else its nearest existing parent."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_disk_space(out: Path, peak_bytes: int, written_bytes: int = 0) -> None:
+    """Refuse a run whose peak disk use, less the bytes a resumed run has already written, exceeds the free space."""
+    anchor = existing_ancestor(out)
+    free = shutil.disk_usage(anchor).free
+    needed = math.ceil(max(peak_bytes - written_bytes, 0) * DISK_MARGIN)
+    if free >= needed:
+        return
+    need, have = _sizes_that_differ(needed, free)
+    done = f" (the {written_bytes / 1e9:.3f} GB of shards already written count as done)" if written_bytes else ""
+    raise DiskFullError(
+        f"not enough disk space at {anchor}: the run needs up to {need} GB more{done}, {have} GB are free. Free "
+        "some space, lower training_tokens, use dtype='float16', or choose another new_cached_activations_path."
+    )
+
+
+def _sizes_that_differ(a: int, b: int) -> tuple[str, str]:
+    """a and b bytes in GB, with as many decimals as it takes for two different sizes to read differently."""
+    for decimals in range(2, 10):
+        texts = f"{a / 1e9:.{decimals}f}", f"{b / 1e9:.{decimals}f}"
+        if texts[0] != texts[1]:
+            return texts
+    return texts
 
 
 def _started_as_overwrite(paths: RunPaths) -> bool:
@@ -132,17 +202,33 @@ def _started_as_overwrite(paths: RunPaths) -> bool:
     return paths.run_file.exists() and bool(read_json(paths.run_file).get("overwrite"))
 
 
-def start_work(paths: RunPaths, identity: dict, *, overwrite: bool, resume: bool) -> None:
-    """Create the run's work directory and its record, or (resume) check that the one there made the same output."""
-    if paths.work.exists() and resume:
-        previous = read_json(paths.run_file) if paths.run_file.exists() else {}
-        fields = identity["fields"]
-        changed = sorted(k for k in fields if previous.get("fields", {}).get(k) != fields[k])
-        if changed or previous.get("plan") != identity["plan"]:
+def continues_work(paths: RunPaths, identity: dict, *, resume: bool) -> bool:
+    """Whether this run continues the work directory there: resume=True and a record of the same output. A work
+    directory without a record and without a complete shard is a run that never started (killed between creating
+    one and the other): it is started afresh."""
+    if not (resume and paths.work.exists()):
+        return False
+    if not paths.run_file.exists():
+        if any(paths.shards.rglob("shard_*.json")):
             raise ValueError(
-                f"cannot resume {paths.work}: the configuration changed in {changed or 'the resolved plan'}. "
-                "Rerun with the original values, or pass overwrite=True to start over."
+                f"cannot resume {paths.work}: its run record {paths.run_file.name} is missing although shards "
+                "are there. Pass overwrite=True to start over."
             )
+        return False
+    previous = read_json(paths.run_file)
+    fields = identity["fields"]
+    changed = sorted(k for k in fields if previous.get("fields", {}).get(k) != fields[k])
+    if changed or previous.get("plan") != identity["plan"]:
+        raise ValueError(
+            f"cannot resume {paths.work}: the configuration changed in {changed or 'the resolved plan'}. "
+            "Rerun with the original values, or pass overwrite=True to start over."
+        )
+    return True
+
+
+def start_work(paths: RunPaths, identity: dict, *, overwrite: bool, resume: bool) -> None:
+    """Create the run's work directory and its record, or (resume) keep the one there if it made the same output."""
+    if continues_work(paths, identity, resume=resume):
         return
     reset_dir(paths.work)
     paths.shards.mkdir()
@@ -196,29 +282,72 @@ def finish_staging(staging: Path, features: Features, file_names: list[str], fin
 
 
 def swap_into_place(staging: Path, out: Path) -> None:
-    """Publish `staging` as `out`, atomically replacing an existing cache there (with rollback)."""
-    paths = RunPaths(out)
+    """Publish `staging` as `out`, atomically replacing an existing cache there: an exchange where the OS has
+    one, else a backup-and-rename (with rollback)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if not out.exists() or is_empty_dir(out):
         fault_point("install")
         os.replace(staging, out)
         fsync_path(out.parent)
         return
+    try:
+        fault_point("exchange")
+        exchange(staging, out)
+    except OSError as e:
+        if e.errno not in NO_EXCHANGE:
+            raise
+        _backup_and_rename(staging, out)
+        return
+    fsync_path(out.parent)
+    fsync_path(staging.parent)
+    fault_point("cleanup")
+    shutil.rmtree(staging)  # the old cache
+
+
+def _backup_and_rename(staging: Path, out: Path) -> None:
+    backup = RunPaths(out).backup
     fault_point("backup")
-    os.rename(out, paths.backup)
+    os.rename(out, backup)
     try:
         fault_point("install")
         os.rename(staging, out)
     except BaseException:
-        os.rename(paths.backup, out)
+        os.rename(backup, out)
         raise
     fsync_path(out.parent)
     fault_point("cleanup")
-    shutil.rmtree(paths.backup)
+    shutil.rmtree(backup)
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); an OSError with an
+    errno in NO_EXCHANGE where the OS or the filesystem cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available on this system", str(a))
+    if renameat2(-100, os.fsencode(a), -100, os.fsencode(b), RENAME_EXCHANGE) != 0:  # -100: AT_FDCWD
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+@functools.cache
+def _renameat2():
+    """libc's renameat2 (glibc 2.28+, musl 1.2.5+), None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    return renameat2
 
 
 def repair_interrupted_swap(out: Path) -> str | None:
-    """Finish or undo what a killed swap left; returns what was done (None when nothing was needed)."""
+    """Finish or undo what a killed backup-and-rename left; returns what was done (None when nothing was needed)."""
+    if not out.name or protected_path(out, resolve=True):
+        return None  # never an output directory: check_output refuses it with the reason
     backup = RunPaths(out).backup
     if not backup.exists():
         return None

@@ -4,20 +4,23 @@ Owns `CachedActivations`: open a cache directory written by sae_cache (or any da
 the same format), and iterate batches of `batch_tokens` activations (with their token ids) for one
 hook, in file order or in a seeded random order of rows, or read a range of rows. Every storage format
 is decoded (sae_cache.storage_formats) to the dtype and device asked for; a plain format read in its own
-dtype on the CPU comes zero-copy from the memory-mapped Arrow files. It reads the layout through
-`sae_cache.arrow_format`, the module that writes it.
+dtype on the CPU comes zero-copy from the memory-mapped Arrow files. The files are mapped copy-on-write
+(MAP_PRIVATE), so every tensor handed out is writable: writing to one changes this process's private copy
+of those pages, never the file (a read-only mapping would make an in-place write crash the process). It
+reads the layout through `sae_cache.arrow_format`, the module that writes it.
 """
 
 from __future__ import annotations
 
-import warnings
+import mmap
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from sae_cache.arrow_format import INFO_FILE, STATE_FILE, read_arrow_columns
+from sae_cache.arrow_format import INFO_FILE, STATE_FILE, stream_columns
 from sae_cache.columns import TOKEN_IDS
 from sae_cache.files import read_json
 from sae_cache.metadata import METADATA_FILE
@@ -29,6 +32,8 @@ class CachedActivations:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path} does not exist.")
         if not (self.path / STATE_FILE).is_file():
             raise FileNotFoundError(f"{self.path} is not a cache directory (no {STATE_FILE}).")
         self.files = [self.path / f["filename"] for f in read_json(self.path / STATE_FILE)["_data_files"]]
@@ -40,7 +45,7 @@ class CachedActivations:
                 f"{self.path} holds rows of different lengths (a position-targeted cache, or no fixed-length "
                 f"{TOKEN_IDS!r} column): open it with datasets.load_from_disk."
             )
-        self._batches = [batch for f in self.files for batch in read_arrow_columns(f)]
+        self._batches = [batch for f in self.files for batch in private_columns(f)]
         self.formats: dict[str, StorageFormat] = formats_of(features)
         """Each hook and its storage format."""
         self.hook_names = list(self.formats)
@@ -78,13 +83,15 @@ class CachedActivations:
 
         acts are decoded to `dtype` (default: a plain format's own dtype, float32 for a compact one) on `device`
         (default: the CPU). A plain format in its own dtype on the CPU, in file order, gives zero-copy views of
-        the memory map within a record batch; shuffle=True visits the rows in a random order from `seed` (rows
-        are gathered, so those batches are copies).
+        the file's private (copy-on-write) memory map within a record batch, writable without changing the file;
+        shuffle=True visits the rows in a random order from `seed` (rows are gathered, so those batches are
+        copies).
         """
+        if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
+            raise ValueError(f"batch_tokens={batch_tokens!r} must be a positive integer (tokens per batch).")
         fmt, columns = self._columns(hook)
         units = self._shuffled_units(columns, batch_tokens, seed) if shuffle else self._file_units(columns)
-        for arrays in _rebatch(units, batch_tokens, drop_last):
-            yield _decode(fmt, arrays, dtype, device)
+        return (_decode(fmt, arrays, dtype, device) for arrays in _rebatch(units, batch_tokens, drop_last))
 
     def rows(
         self,
@@ -168,11 +175,33 @@ def _concatenate(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
 
 def _decode(fmt: StorageFormat, arrays: list[np.ndarray], dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(acts, token_ids) of a hook's column arrays (token ids, values, any scales), decoded by its format."""
-    tokens, *stored = [_tensor(a) for a in arrays]
+    tokens, *stored = [torch.from_numpy(_writable(a)) for a in arrays]
     return fmt.decode(*stored, dtype=dtype, device=device), tokens.to(device)
 
 
-def _tensor(values: np.ndarray) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(values)
+def _writable(values: np.ndarray) -> np.ndarray:
+    """Views of a private map are writable; a read-only array (a map that could not be private) is copied."""
+    return values if values.flags.writeable else values.copy()
+
+
+def private_columns(path: Path) -> Iterator[dict[str, np.ndarray]]:
+    """Each record batch of an Arrow file as writable numpy views on a private (copy-on-write) memory map of it."""
+    with open(path, "rb") as f:
+        if not f.seek(0, 2):
+            return
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except OSError:  # no room for a private map under strict overcommit: read-only, copied when handed out
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    base = np.frombuffer(mapped, np.uint8)
+    for columns in stream_columns(pa.BufferReader(pa.py_buffer(mapped))):
+        yield {name: _on_map(values, base) for name, values in columns.items()}
+
+
+def _on_map(values: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """`values` (a read-only view pyarrow made of the map) as a view of the map itself, writable where it is;
+    a copy pyarrow made (bit-packed bools) as it is."""
+    offset = values.ctypes.data - base.ctypes.data
+    if not values.flags.c_contiguous or not 0 <= offset <= len(base) - values.nbytes:
+        return values
+    return base[offset : offset + values.nbytes].view(values.dtype).reshape(values.shape)

@@ -1,7 +1,8 @@
 """The runner: orchestration only, every stage in its own module.
 
 `CacheActivationsRunner(cfg, override_dataset=None, model=None).run()` repairs what an interrupted
-swap left, resolves the plan (model, data, hook widths) and checks it before any forward pass, writes
+swap left, resolves the plan (sae_cache.resolve: model, data, hook widths, every check before any forward
+pass), writes
 one shard per buffer into the run's work directory (resuming after the last complete shard when
 asked), links or shuffles the shards into a staged cache, publishes it, pushes it to the Hub when
 asked, and returns the dataset as loaded from disk. A shuffle of large rows (`plan.shuffle_in_place`)
@@ -12,11 +13,8 @@ stage the fields it needs.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +24,21 @@ from tqdm.auto import tqdm
 
 from sae_cache import distributed, hub
 from sae_cache.arrow_format import cache_features, fingerprint_of
-from sae_cache.config import UNSET, CacheActivationsRunnerConfig
+from sae_cache.config import CacheActivationsRunnerConfig
 from sae_cache.data import (
-    InputColumn,
-    SpecialTokens,
-    check_dataset_size,
-    find_column,
-    first_row,
-    label_dtypes,
-    open_dataset,
-    resolve_context_size,
-    resolve_special_tokens,
     row_tokenizer,
     token_rows,
+    vocab_size,
 )
-from sae_cache.files import read_json
+from sae_cache.files import disk_full, read_json
 from sae_cache.metadata import METADATA_FILE, activations_metadata, output_fields, run_identity
-from sae_cache.model import ModelAdapter, adapt, load_model
-from sae_cache.plan import CachePlan, make_plan
+from sae_cache.plan import CachePlan
 from sae_cache.publish import (
     RunPaths,
     ShardFiles,
+    check_disk_space,
     check_output,
+    continues_work,
     finish_staging,
     is_complete_cache,
     link_shards,
@@ -56,27 +47,14 @@ from sae_cache.publish import (
     repair_interrupted_swap,
     start_work,
 )
+from sae_cache.resolve import Resolved, resolve
 from sae_cache.shuffle import shuffle_shards
 from sae_cache.shuffle_in_place import PlacedWriter, file_names, lay_out_once
 from sae_cache.stats import HookStats
-from sae_cache.store import ActivationsStore, resolve_forward_threads
+from sae_cache.store import ActivationsStore
 from sae_cache.writer import PieceWriter, ShardWriter
 
 logger = logging.getLogger("sae_cache")
-DISK_MARGIN = 1.05
-
-
-@dataclass
-class _Resolved:
-    """What the model and the data told us, resolved once before any work."""
-
-    model: ModelAdapter
-    dataset: Any
-    column: InputColumn
-    special: SpecialTokens
-    labels: dict[str, str]
-    plan: CachePlan
-    forward_threads: int
 
 
 class CacheActivationsRunner:
@@ -91,8 +69,9 @@ class CacheActivationsRunner:
         self.cfg = cfg
         self.override_dataset = override_dataset
         self._model, self._tokenizer = model, tokenizer
-        self._resolved: _Resolved | None = None
+        self._resolved: Resolved | None = None
         self.paths = RunPaths(Path(cfg.new_cached_activations_path))  # type: ignore[arg-type]
+        self.computed_tokens = 0  # tokens run() put through the model (less than the plan's when it resumed)
 
     @property
     def plan(self) -> CachePlan:
@@ -144,96 +123,25 @@ class CacheActivationsRunner:
         check_output(self.paths, field="new_cached_activations_path", overwrite=cfg.overwrite, resume=cfg.resume)
         plan = self._resolve().plan
         if self.ranks.is_main:
-            self._check_disk_space(plan)
+            identity = run_identity(cfg, plan)
+            rows, written = self._written() if continues_work(self.paths, identity, resume=cfg.resume) else (0, 0)
+            check_disk_space(self.paths.out, plan.peak_disk_bytes, written)
             logger.info("%s", self)
-            start_work(self.paths, run_identity(cfg, plan), overwrite=cfg.overwrite, resume=cfg.resume)
+            with disk_full(f"starting the run in {self.paths.work}", "nothing was computed yet"):
+                start_work(self.paths, identity, overwrite=cfg.overwrite, resume=cfg.resume)
+            self.computed_tokens = plan.n_tokens - rows * plan.sliced_context_size
 
-    # -- resolution and checks (before any forward pass) -------------------------------------------
+    def _written(self) -> tuple[int, int]:
+        """Rows and bytes of every rank's complete shards: what a resumed run keeps."""
+        done = [self._shard_files(r).written(self._rank_plan(r).n_buffers) for r in range(self.ranks.world)]
+        return sum(rows for rows, _ in done), sum(size for _, size in done)
 
-    def _resolve(self) -> _Resolved:
+    def _resolve(self) -> Resolved:
         if self._resolved is None:
-            self._resolved = self._resolve_once()
+            self._resolved = resolve(
+                self.cfg, override_dataset=self.override_dataset, model=self._model, tokenizer=self._tokenizer
+            )
         return self._resolved
-
-    def _resolve_once(self) -> _Resolved:
-        cfg = self.cfg
-        dataset = open_dataset(
-            cfg.dataset_path,
-            streaming=cfg.streaming,
-            trust_remote_code=cfg.dataset_trust_remote_code,
-            override=self.override_dataset,
-        )
-        row = first_row(dataset)
-        column = find_column(row, chat=cfg.use_chat_formatting)
-        context_size = resolve_context_size(
-            column,
-            row,
-            context_size=cfg.context_size,
-            prepend_bos=cfg.prepend_bos,
-            disable_concat=cfg.disable_concat_sequences,
-        )
-        model = self._load_model()
-        model.check_hooks(cfg.hook_names)
-        if model.n_ctx is not None and context_size > model.n_ctx:
-            raise ValueError(
-                f"context_size={context_size} exceeds the model's n_ctx={model.n_ctx}: "
-                f"set context_size <= {model.n_ctx}."
-            )
-        hook_dims = model.hook_dims(cfg.hook_names)
-        self._check_d_in(hook_dims)
-        special = resolve_special_tokens(
-            model.tokenizer,
-            prepend_bos=cfg.prepend_bos,
-            sequence_separator_token=cfg.sequence_separator_token,
-            exclude_special_tokens=cfg.exclude_special_tokens,
-        )
-        labels = label_dtypes(column, row, label_columns=cfg.label_columns, disable_concat=cfg.disable_concat_sequences)
-        plan = make_plan(
-            shuffle_across_sequences=cfg.shuffle_across_sequences,
-            label_dtypes=labels,
-            hook_dims=hook_dims,
-            context_size=context_size,
-            seqpos_slice=cfg.seqpos_slice,
-            training_tokens=cfg.training_tokens,
-            dtype=cfg.dtype,
-            model_batch_size=cfg.model_batch_size,
-            buffer_size_gb=cfg.buffer_size_gb,
-            shuffle=cfg.shuffle,
-        )
-        self._check_dataset_size(dataset, column, plan, model)
-        threads = resolve_forward_threads(cfg.forward_threads, model.device)
-        return _Resolved(model, dataset, column, special, labels, plan, threads)
-
-    def _load_model(self) -> ModelAdapter:
-        cfg = self.cfg
-        if self._model is not None:
-            return adapt(self._model, self._tokenizer)
-        return load_model(
-            cfg.model_name,
-            model_class_name=cfg.model_class_name,
-            device=cfg.device,
-            from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
-            compile_llm=cfg.compile_llm,
-            compilation_mode=cfg.llm_compilation_mode,
-        )
-
-    def _check_d_in(self, hook_dims: dict[str, int]) -> None:
-        if self.cfg.d_in == UNSET:
-            return
-        wrong = {h: d for h, d in hook_dims.items() if d != self.cfg.d_in}
-        if wrong:
-            raise ValueError(
-                f"d_in={self.cfg.d_in} but the model's hooks have widths {wrong}: set d_in to match, or -1."
-            )
-
-    def _check_dataset_size(self, dataset, column: InputColumn, plan: CachePlan, model: ModelAdapter) -> None:
-        if self.cfg.use_chat_formatting:
-            return
-        warning = check_dataset_size(
-            dataset, column, rows_needed=plan.n_rows, context_size=plan.context_size, tokenize=model.tokenize
-        )
-        if warning:
-            warnings.warn(warning, RuntimeWarning, stacklevel=3)
 
     def _already_finished(self) -> bool:
         """With resume=True: the run was killed after publishing its cache (only clean-up and upload remain)."""
@@ -245,18 +153,6 @@ class CacheActivationsRunner:
             return False
         logger.info("%s is already complete for this configuration", out)
         return True
-
-    def _check_disk_space(self, plan: CachePlan) -> None:
-        anchor = self.paths.out
-        while not anchor.exists():
-            anchor = anchor.parent
-        free = shutil.disk_usage(anchor).free
-        needed = int(plan.peak_disk_bytes * DISK_MARGIN)
-        if free < needed:
-            raise OSError(
-                f"not enough disk space at {anchor}: the cache needs up to {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB "
-                "are free. Lower training_tokens, use dtype='float16', or choose another new_cached_activations_path."
-            )
 
     # -- shards -------------------------------------------------------------------------------------
 
@@ -329,6 +225,7 @@ class CacheActivationsRunner:
             special=resolved.special,
             disable_concat=cfg.disable_concat_sequences,
             label_columns=cfg.label_columns,
+            vocab=vocab_size(resolved.model.tokenizer),
         )
         return ActivationsStore(
             resolved.model,
@@ -371,7 +268,9 @@ class CacheActivationsRunner:
         metadata = activations_metadata(
             cfg, plan, stats=self._stats(), tokenizer=resolved.model.tokenizer, world_size=self.ranks.world
         )
-        with publishing(self.paths, fresh=not plan.shuffle_in_place) as staging:
+        doing = f"{'shuffling' if cfg.shuffle else 'publishing'} the cache in {self.paths.work}"
+        kept = f"the {plan.n_buffers} complete buffer(s) are kept"
+        with disk_full(doing, kept), publishing(self.paths, fresh=not plan.shuffle_in_place) as staging:
             if plan.shuffle_in_place:
                 names = file_names(plan)
             elif cfg.shuffle:
@@ -393,12 +292,15 @@ class CacheActivationsRunner:
 
     def _push(self) -> None:
         cfg = self.cfg
-        hub.push_cache(
-            self.paths.out,
-            repo_id=cfg.hf_repo_id,  # type: ignore[arg-type]
-            export_dir=self.paths.hub,
-            config=cfg.to_dict(),
-            num_shards=cfg.hf_num_shards,
-            revision=cfg.hf_revision,
-            private=cfg.hf_is_private_repo,
-        )
+        with disk_full(
+            f"exporting the cache for the Hub in {self.paths.hub}", f"the cache at {self.paths.out} is complete"
+        ):
+            hub.push_cache(
+                self.paths.out,
+                repo_id=cfg.hf_repo_id,  # type: ignore[arg-type]
+                export_dir=self.paths.hub,
+                config=cfg.to_dict(),
+                num_shards=cfg.hf_num_shards,
+                revision=cfg.hf_revision,
+                private=cfg.hf_is_private_repo,
+            )

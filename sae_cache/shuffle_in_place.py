@@ -22,7 +22,6 @@ record batches of `plan.rows_per_piece` rows (tests/test_shuffle_in_place.py).
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
@@ -32,12 +31,12 @@ from datasets import Features
 from sae_cache.arrow_format import FileLayout, data_file_name, lay_out_file
 from sae_cache.direct_io import PositionedFiles
 from sae_cache.distributed import Ranks, stream_rows
-from sae_cache.files import fsync_path, write_json_atomic
+from sae_cache.files import disk_full, fsync_path, write_json_atomic
 from sae_cache.plan import CachePlan
 from sae_cache.publish import RunPaths, ShardFiles, reset_dir
 from sae_cache.shuffle_io import row_order
 from sae_cache.store import Piece
-from sae_cache.writer import PieceWriter, disk_full
+from sae_cache.writer import PieceWriter
 
 
 def file_names(plan: CachePlan) -> list[str]:
@@ -116,14 +115,11 @@ class PlacedWriter(PieceWriter):
         rows = np.arange(self._next_row, self._next_row + piece.n_rows)
         self._next_row += piece.n_rows
         places = self.places[stream_rows(rows, self.batch_size, self.ranks)]
-        try:
+        doing = f"writing the rows of buffer {piece.index} into {self.out.paths[0].parent}"
+        with disk_full(doing, f"the {piece.index} buffer(s) before it are kept"):
             self._place(piece, places)
             if piece.last:
                 self.out.sync()
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            raise disk_full(e, f"rows of buffer {piece.index} into {self.out.paths[0].parent}", piece.index) from e
         if piece.last:
             self._complete(piece, self._next_row - piece.index * self.plan.rows_per_buffer, manifest)
 

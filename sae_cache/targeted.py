@@ -27,6 +27,7 @@ from sae_cache.arrow_format import (
     mixed_record_batch,
     targeted_features,
 )
+from sae_cache.checks import check_field_types, check_minimums, check_output_path
 from sae_cache.columns import POSITIONS, RESERVED, SOURCE_INDEX, TOKEN_IDS
 from sae_cache.config import STORAGE_DTYPES
 from sae_cache.metadata import build_metadata
@@ -105,16 +106,15 @@ class TargetedCacheConfig:
         self.hook_names = [n.strip() for n in names]
         if not self.hook_names or not all(self.hook_names) or len(set(self.hook_names)) != len(self.hook_names):
             raise ValueError(f"hook_names={names!r} must name at least one hook, each once and none empty.")
-        for name in ("n_positions", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer.")
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
         if str(self.dtype) not in STORAGE_DTYPES:
             raise ValueError(f"dtype={self.dtype!r} cannot be stored: use float32, float16 or float64.")
         self.dtype = STORAGE_DTYPES[str(self.dtype)]
+        check_field_types(self)
+        check_minimums(self, {"n_positions": 1, "batch_size": 1, "seed": 0})
+        check_output_path(self.output_path, field="output_path")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
         self.label_columns = list(self.label_columns)
         if self.prompt_column == self.target_column:
             raise ValueError(f"prompt_column and target_column are both {self.prompt_column!r}: name two columns.")

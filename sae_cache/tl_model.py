@@ -122,4 +122,14 @@ def load(model_name: str, *, device: str, from_pretrained_kwargs: dict) -> tuple
         return load_demo_model(device=device), None
     from transformer_lens import HookedTransformer
 
-    return HookedTransformer.from_pretrained_no_processing(model_name, device=device, **from_pretrained_kwargs), None
+    try:
+        model = HookedTransformer.from_pretrained_no_processing(model_name, device=device, **from_pretrained_kwargs)
+    except ValueError as e:  # a name it does not know: its message lists every model it knows (thousands of chars)
+        if "Valid official model names" not in str(e):
+            raise
+        raise ValueError(
+            f"model_name={model_name!r} is not a model TransformerLens knows: check the spelling (its names: "
+            "transformer_lens.loading.OFFICIAL_MODEL_NAMES), or load the model yourself and pass "
+            "CacheActivationsRunner(cfg, model=...)."
+        ) from None
+    return model, None

@@ -16,7 +16,6 @@ sae_cache.shuffle_in_place.)
 
 from __future__ import annotations
 
-import errno
 import queue
 import threading
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import torch
 from datasets import Features
 
 from sae_cache.arrow_format import ArrowFileWriter
-from sae_cache.files import write_json_atomic
+from sae_cache.files import DiskFullError, disk_full, write_json_atomic
 from sae_cache.publish import ShardFiles
 from sae_cache.store import Piece
 
@@ -139,30 +138,21 @@ class ShardWriter(PieceWriter):
 
     def _write(self, piece: Piece, manifest: dict) -> None:
         partial = self.files.partial(piece.index)
+        kept = f"the {piece.index} buffer(s) before it are kept"
         try:
-            if piece.first:
-                self._open = ArrowFileWriter(partial, self.features, direct_io=self.direct_io)
-            assert self._open is not None, "a shard's pieces arrive in order, its first piece first"
-            self._open.write(piece.columns())
-            shard_rows = self._open.rows
-            if piece.last:
-                self._open.close()
-                self._open = None
+            with disk_full(f"writing shard {piece.index} in {self.files.directory}", kept):
+                if piece.first:
+                    self._open = ArrowFileWriter(partial, self.features, direct_io=self.direct_io)
+                assert self._open is not None, "a shard's pieces arrive in order, its first piece first"
+                self._open.write(piece.columns())
+                if piece.last:
+                    rows = self._open.rows
+                    self._open.close()
+                    self._open = None
+                    partial.replace(self.files.shard(piece.index))
+                    self._complete(piece, rows, manifest)
         except OSError as e:
             self._open = None
-            if e.errno != errno.ENOSPC:
-                raise
-            partial.unlink(missing_ok=True)
-            raise disk_full(e, f"shard {piece.index} in {self.files.directory}", piece.index) from e
-        if piece.last:
-            partial.replace(self.files.shard(piece.index))
-            self._complete(piece, shard_rows, manifest)
-
-
-def disk_full(error: OSError, what: str, index: int) -> OSError:
-    """The error for a full disk while writing `what` of buffer `index`: what is kept, and what to do."""
-    return OSError(
-        errno.ENOSPC,
-        f"disk full while writing {what}: the {index} buffer(s) before it are kept. "
-        "Free some space, then rerun with resume=True.",
-    )
+            if isinstance(e, DiskFullError):
+                partial.unlink(missing_ok=True)
+            raise

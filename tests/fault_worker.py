@@ -262,7 +262,8 @@ def _staging_metadata(_n):
 
 
 def _swap(step):
-    """At the swap's fault point `step` ('backup', 'install' or 'cleanup')."""
+    """At the swap's fault point `step`: 'exchange' or 'cleanup' (the exchange), 'backup', 'install' or 'cleanup'
+    (the backup-and-rename, with the "no-exchange" patch), 'install' (a first publish)."""
 
     def fault_point(name):
         if name == step:
@@ -301,6 +302,7 @@ FAULTS = {
     "swap": _swap,
     "rmtree-backup": lambda _n: _rmtree_partial(BACKUP_SUFFIX, "data-00000-*.arrow"),
     "rmtree-work": lambda _n: _rmtree_partial(WORK_SUFFIX, "shards/shard_0000[01].*"),
+    "rmtree-old": lambda _n: _rmtree_partial("staging", "data-00000-*.arrow"),  # the old cache, after an exchange
 }
 
 
@@ -323,7 +325,21 @@ def _in_place_shuffle() -> None:
     plan_module.IN_PLACE_MIN_ROW_BYTES = 0
 
 
-PATCHES = {"no-hardlinks": _no_hardlinks, "one-pass-shuffle": _one_pass_shuffle, "in-place-shuffle": _in_place_shuffle}
+def _no_exchange() -> None:
+    """A filesystem without RENAME_EXCHANGE (renameat2 answers EINVAL): the swap takes backup-and-rename."""
+
+    def exchange(a, b):
+        raise OSError(errno.EINVAL, "RENAME_EXCHANGE not supported (simulated)", str(a))
+
+    publish.exchange = exchange
+
+
+PATCHES = {
+    "no-hardlinks": _no_hardlinks,
+    "one-pass-shuffle": _one_pass_shuffle,
+    "in-place-shuffle": _in_place_shuffle,
+    "no-exchange": _no_exchange,
+}
 
 
 # -- running jobs -----------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_flag_forms():
 def test_cli_runs_a_cache_from_a_local_dataset_directory(model, text_dataset, tmp_path, monkeypatch, capsys):
     data_dir = tmp_path / "data"
     text_dataset.save_to_disk(str(data_dir))
-    monkeypatch.setattr("sae_cache.runner.load_model", lambda name, **kwargs: adapt(model))
+    monkeypatch.setattr("sae_cache.resolve.load_model", lambda name, **kwargs: adapt(model))
     out = tmp_path / "out"
     code = cli.main(
         [

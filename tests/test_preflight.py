@@ -77,9 +77,9 @@ def test_separator_missing_from_tokenizer(model, text_dataset, make_cfg, no_forw
 
 
 def test_not_enough_disk_space(model, text_dataset, make_cfg, no_forward, monkeypatch):
-    from sae_cache import runner
+    import shutil
 
-    monkeypatch.setattr(runner.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     assert_fails_cleanly(make_cfg(), text_dataset, model, "not enough disk space", OSError)
 
 

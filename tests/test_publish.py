@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
@@ -14,6 +15,17 @@ from sae_cache.publish import RunPaths, repair_interrupted_swap, swap_into_place
 
 class Injected(RuntimeError):
     pass
+
+
+@pytest.fixture(autouse=True)
+def no_exchange(monkeypatch):
+    """These tests take the backup-and-rename path, as on a filesystem without RENAME_EXCHANGE (the exchange
+    path: tests/test_swap_exchange.py)."""
+
+    def exchange(a, b):
+        raise OSError(errno.ENOSYS, "no exchange (simulated)")
+
+    monkeypatch.setattr(publish, "exchange", exchange)
 
 
 def make_dir(path, marker):
