@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,13 @@ from sae_cache.config import MODEL_CLASSES, CacheActivationsRunnerConfig, defaul
 from sae_cache.recipe import saelens_recipe
 
 _NONE = ("none", "null")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, wrapped without breaking at hyphens (a name like `sae-cache/demo` stays whole)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 class CliError(ValueError):
@@ -103,6 +111,7 @@ def build_parser(
     """A flag per field of `config_cls`, its help the field's docstring; unset flags are left out of the result."""
     parser = argparse.ArgumentParser(
         prog=prog,
+        formatter_class=_HelpFormatter,
         description=description
         or "Cache a language model's activations to disk for SAE training (SAELens-compatible). "
         "The defaults name the bundled demo model and text: `python -m sae_cache --context_size 128` runs offline. "

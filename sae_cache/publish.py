@@ -90,10 +90,13 @@ class ShardFiles:
     def read_manifest(self, index: int) -> dict:
         return read_json(self.manifest(index))
 
-    def written(self, n_buffers: int) -> tuple[int, int]:
-        """Rows and bytes of the complete shards, from the first: what a resumed run keeps."""
-        done = range(self.n_complete(n_buffers))
-        return sum(self.read_manifest(i)["rows"] for i in done), sum(self.shard(i).stat().st_size for i in done)
+    def written(self, n_buffers: int, bytes_per_row: int) -> tuple[int, int]:
+        """Rows and bytes of the complete buffers, from the first: what a resumed run keeps (a buffer written in
+        place has no shard file: its rows are in the staged data files)."""
+        rows = [self.read_manifest(i)["rows"] for i in range(self.n_complete(n_buffers))]
+        shards = [self.shard(i) for i in range(len(rows))]
+        size = sum(s.stat().st_size if s.exists() else n * bytes_per_row for s, n in zip(shards, rows))
+        return sum(rows), size
 
 
 @dataclass(frozen=True)

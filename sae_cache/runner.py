@@ -132,8 +132,12 @@ class CacheActivationsRunner:
             self.computed_tokens = plan.n_tokens - rows * plan.sliced_context_size
 
     def _written(self) -> tuple[int, int]:
-        """Rows and bytes of every rank's complete shards: what a resumed run keeps."""
-        done = [self._shard_files(r).written(self._rank_plan(r).n_buffers) for r in range(self.ranks.world)]
+        """Rows and bytes of every rank's complete buffers: what a resumed run keeps."""
+        plan = self._resolve().plan
+        done = [
+            self._shard_files(r).written(self._rank_plan(r).n_buffers, plan.bytes_per_row)
+            for r in range(self.ranks.world)
+        ]
         return sum(rows for rows, _ in done), sum(size for _, size in done)
 
     def _resolve(self) -> Resolved:
@@ -197,7 +201,8 @@ class CacheActivationsRunner:
     def _lay_out(self) -> None:
         """Rank 0, for the shuffle written in place: the staged cache's data files, laid out once per run."""
         if self.ranks.is_main and self._resolve().plan.shuffle_in_place:
-            lay_out_once(self.paths, self._features(), self._resolve().plan)
+            with disk_full(f"laying out the cache's data files in {self.paths.staging}", "nothing was computed yet"):
+                lay_out_once(self.paths, self._features(), self._resolve().plan)
 
     def _writer(self, files: ShardFiles) -> PieceWriter:
         cfg, plan = self.cfg, self._resolve().plan
@@ -269,7 +274,7 @@ class CacheActivationsRunner:
             cfg, plan, stats=self._stats(), tokenizer=resolved.model.tokenizer, world_size=self.ranks.world
         )
         doing = f"{'shuffling' if cfg.shuffle else 'publishing'} the cache in {self.paths.work}"
-        kept = f"the {plan.n_buffers} complete buffer(s) are kept"
+        kept = f"the {plan.n_buffers} complete {'buffer' if plan.shuffle_in_place else 'shard'}(s) are kept"
         with disk_full(doing, kept), publishing(self.paths, fresh=not plan.shuffle_in_place) as staging:
             if plan.shuffle_in_place:
                 names = file_names(plan)

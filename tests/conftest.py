@@ -85,6 +85,11 @@ def data_passes(model, before: Callable[[int], None] | None = None) -> Iterator[
         handle.remove()
 
 
+def no_pass(count: int) -> None:
+    """A `before` for data_passes: any pass over data is a test failure."""
+    raise AssertionError(f"forward pass {count} over data ran")
+
+
 def fail_at_pass(n: int, error: BaseException) -> Callable[[int], None]:
     """A `before` for data_passes: raise `error` ahead of the n-th pass over data."""
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import data_passes, no_pass
 from datasets import Dataset
-from passes import data_passes
 
 from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig
 from sae_cache.publish import RunPaths
@@ -46,7 +46,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 def fails_cleanly(cfg_fields: dict, model, dataset=None, match: str = "") -> str:
     """The run raises one single-line ValueError matching `match`, before any pass over data, leaving nothing."""
     out = Path(cfg_fields["new_cached_activations_path"])
-    with data_passes(model, fail=True), pytest.raises(ValueError, match=match) as caught:
+    with data_passes(model, no_pass), pytest.raises(ValueError, match=match) as caught:
         cfg = CacheActivationsRunnerConfig(**cfg_fields)
         CacheActivationsRunner(cfg, override_dataset=dataset, model=model).run()
     message = str(caught.value)
@@ -100,7 +100,7 @@ def test_a_dataset_path_that_is_not_a_dataset_directory(model, tmp_path, data, w
 )
 def test_config_values(model, tmp_path, text_dataset, overrides, match):
     cfg_fields = fields(tmp_path, **overrides)
-    with data_passes(model, fail=True), pytest.raises(ValueError, match=match):
+    with data_passes(model, no_pass), pytest.raises(ValueError, match=match):
         CacheActivationsRunner(CacheActivationsRunnerConfig(**cfg_fields), override_dataset=text_dataset, model=model)
 
 
@@ -229,7 +229,7 @@ def test_protected_output_paths_are_refused_even_with_overwrite(model, tmp_path,
     target = {"cwd": cwd, "parent": cwd.parent, "home": home, "root": Path("/"), "link": tmp_path / "link"}[where]
     cfg = CacheActivationsRunnerConfig(**fields(tmp_path, overwrite=True))
     cfg.new_cached_activations_path = str(target)
-    with data_passes(model, fail=True), pytest.raises(ValueError, match="must be a directory of its own"):
+    with data_passes(model, no_pass), pytest.raises(ValueError, match="must be a directory of its own"):
         CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model).run()
     for d in (cwd, home, tmp_path / "work"):
         assert (d / "keep.txt").read_text() == "mine"

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import data_passes, no_pass
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from passes import data_passes
 
 from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig
 from sae_cache.publish import RunPaths
@@ -147,7 +147,7 @@ def test_an_invalid_run_fails_before_any_pass_over_data(case, model, text_datase
     field, value, extra, _ = case
     out = tmp_path_factory.mktemp("run") / "cache"
     cfg = CacheActivationsRunnerConfig(**{**BASE, "new_cached_activations_path": str(out), **extra, field: value})
-    with data_passes(model, fail=True), pytest.raises(ValueError) as caught:
+    with data_passes(model, no_pass), pytest.raises(ValueError) as caught:
         CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model).run()
     expect_one_line_naming(str(caught.value), field)
     assert not out.exists() and not RunPaths(out).work.exists()
@@ -161,7 +161,7 @@ def test_a_valid_config_constructs_and_resolves_its_plan(fields, model, text_dat
     fields["training_tokens"] = max(fields["training_tokens"], fields["context_size"])
     cfg = CacheActivationsRunnerConfig(**fields)
     assert isinstance(cfg.model_batch_size, int) and isinstance(cfg.buffer_size_gb, float)
-    with data_passes(model, fail=True):
+    with data_passes(model, no_pass):
         described = str(CacheActivationsRunner(cfg, override_dataset=text_dataset, model=model))
     assert "rows x positions" in described
     assert not out.exists() and not RunPaths(out).work.exists()

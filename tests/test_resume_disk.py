@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROW_BYTES
-from passes import data_passes
+from conftest import ROW_BYTES, data_passes, fail_at_pass, no_pass
 
 from sae_cache import CacheActivationsRunner, cli
+from sae_cache.direct_io import PositionedFiles
 from sae_cache.model import adapt
 from sae_cache.publish import DISK_MARGIN, RunPaths
 
 HOOK = "blocks.1.hook_resid_post"
-WIDE_ROW_BYTES = 3 * 64 * 32 * 4 + 64 * 4 + 3 * 65 * 4  # three hooks, 64 positions: the one-pass shuffle's rows
+WIDE_ROW_BYTES = 3 * 64 * 32 * 4 + 64 * 4 + 3 * 65 * 4  # three hooks, 64 positions: rows shuffled in place
 WIDE = {
     "hook_name": ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"],
     "context_size": 64,
@@ -74,7 +74,7 @@ def test_resume_needs_only_the_space_left_to_write(model, text_dataset, make_cfg
     assert left < runner.plan.peak_disk_bytes * DISK_MARGIN
 
     free_space(monkeypatch, int(left) - 1)  # one byte short: refused, and the two sizes read differently
-    with data_passes(model, fail=True), pytest.raises(OSError, match="not enough disk space") as refused:
+    with data_passes(model, no_pass), pytest.raises(OSError, match="not enough disk space") as refused:
         runner.run()
     need, have = re.search(r"needs up to ([\d.]+) GB more.*, ([\d.]+) GB are free", str(refused.value)).groups()
     assert need != have and float(need) >= float(have), str(refused.value)
@@ -92,9 +92,8 @@ def test_resume_needs_only_the_space_left_to_write(model, text_dataset, make_cfg
     [
         {"shuffle": True},  # two passes through bucket files
         {"shuffle": True, "shuffle_across_sequences": True},
-        {"shuffle": True, **WIDE},  # large rows: the one-pass shuffle
     ],
-    ids=["buckets", "across", "one-pass"],
+    ids=["buckets", "across"],
 )
 def test_a_disk_that_fills_during_the_shuffle_says_how_to_resume(
     model, text_dataset, make_cfg, monkeypatch, tmp_path, fields
@@ -114,6 +113,35 @@ def test_a_disk_that_fills_during_the_shuffle_says_how_to_resume(
         resumed = columns(run(make_cfg, text_dataset, model, resume=True, **fields))
     assert passes == []  # every shard was kept: the resume only shuffles
     assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_a_disk_that_fills_while_rows_are_written_in_place_says_how_to_resume(
+    model, text_dataset, make_cfg, monkeypatch, tmp_path
+):
+    """Large rows are shuffled by writing each row at its place in the staged data files (positioned writes):
+    a full disk there keeps the buffers already written, and the resume computes only the others."""
+    fields = {"shuffle": True, **WIDE}
+    reference = columns(run(make_cfg, text_dataset, model, new_cached_activations_path=str(tmp_path / "ref"), **fields))
+    real, calls = PositionedFiles.write, [0]
+
+    def write(self, index, offset, data):
+        calls[0] += 1
+        if calls[0] > 25 * 4:  # a row is four values (three hooks and the token ids): past the first buffers
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, index, offset, data)
+
+    monkeypatch.setattr(PositionedFiles, "write", write)
+    with pytest.raises(OSError) as full:
+        run(make_cfg, text_dataset, model, **fields)
+    message = str(full.value)
+    assert message.startswith("disk full while writing the rows of buffer ") and "[Errno" not in message, message
+    kept = int(re.search(r"the (\d+) buffer\(s\) before it are kept", message).group(1))
+    assert 0 < kept < 4 and message.endswith("rerun with resume=True.")
+    monkeypatch.undo()
+    with data_passes(model) as passes:
+        resumed = columns(run(make_cfg, text_dataset, model, resume=True, **fields))
+    assert len(passes) == 2 * (4 - kept)  # two passes a buffer, only the buffers not kept
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
@@ -148,11 +176,11 @@ def test_a_work_directory_without_its_run_record_is_a_run_that_never_started(mod
 
 
 def test_shards_without_a_run_record_are_not_guessed_at(model, text_dataset, make_cfg):
-    with data_passes(model, interrupt_at=5), pytest.raises(KeyboardInterrupt):
+    with data_passes(model, fail_at_pass(5, KeyboardInterrupt())), pytest.raises(KeyboardInterrupt):
         run(make_cfg, text_dataset, model)
     paths = RunPaths(Path(make_cfg().new_cached_activations_path))
     paths.run_file.unlink()
-    with data_passes(model, fail=True), pytest.raises(ValueError, match="run record run.json is missing"):
+    with data_passes(model, no_pass), pytest.raises(ValueError, match="run record run.json is missing"):
         run(make_cfg, text_dataset, model, resume=True)
     assert len(run(make_cfg, text_dataset, model, overwrite=True)) == 40
 
@@ -171,7 +199,7 @@ def test_the_summary_of_a_resumed_run_counts_only_the_tokens_computed_in_it(
         "--new_cached_activations_path",
         str(tmp_path / "c"),
     ]
-    with data_passes(model, interrupt_at=6), pytest.raises(KeyboardInterrupt):
+    with data_passes(model, fail_at_pass(6, KeyboardInterrupt())), pytest.raises(KeyboardInterrupt):
         cli.main([*argv, "--quiet"])
     capsys.readouterr()
     assert cli.main([*argv, "--quiet", "--resume", "true"]) == 0

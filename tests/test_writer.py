@@ -165,7 +165,7 @@ def test_disk_full_is_a_clear_resumable_error_and_removes_the_partial_shard(tmp_
                 expected.append(values)
     assert error.value.errno == errno.ENOSPC
     assert str(error.value) == (
-        f"[Errno {errno.ENOSPC}] disk full while writing shard 1 in {tmp_path}: the 1 buffer(s) before it are kept. "
+        f"disk full while writing shard 1 in {tmp_path}: the 1 buffer(s) before it are kept. "
         "Free some space, then rerun with resume=True."
     )
     monkeypatch.undo()
