@@ -348,6 +348,8 @@ def _summary(runner, dataset) -> str:
         model_name=cfg.model_name,
         dataset_path=cfg.dataset_path,
         device=cfg.device,
+        model_class_name=cfg.model_class_name,
+        dtype=cfg.dtype,
     )
     return "\n".join(
         [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sae_cache.config import COMPACT_DTYPES
 from sae_cache.demo import DEMO_DATASET_NAME, DEMO_MODEL_NAME
 
 EXPANSION = 8  # d_sae = EXPANSION * d_in
@@ -28,6 +29,8 @@ def saelens_recipe(
     model_name: str,
     dataset_path: str,
     device: str,
+    model_class_name: str = "HookedTransformer",
+    dtype: str = "float32",
 ) -> str:
     """The script (see the module docstring); context_size is the cache's stored (sliced) row length."""
     batch, buffers, store_rows, tokens = training_sizes(n_rows, context_size)
@@ -51,6 +54,11 @@ def saelens_recipe(
         overrides.append(f"override_dataset=datasets.load_from_disk({dataset_path!r})")
     if demo:
         imports.append(f"from sae_cache.demo import {', '.join(demo)}")
+    runner = "LanguageModelSAETrainingRunner"
+    if dtype in COMPACT_DTYPES:  # SAELens reads a compact cache through the adapter (docs/saelens.md)
+        imports.append("from sae_cache.saelens import training_runner")
+        runner = "training_runner"
+    model_class = [] if model_class_name == "HookedTransformer" else [f"    model_class_name={model_class_name!r},"]
     return "\n".join(
         [
             *imports,
@@ -58,6 +66,7 @@ def saelens_recipe(
             "cfg = LanguageModelSAERunnerConfig(",
             f"    sae=StandardTrainingSAEConfig(d_in={d_in}, d_sae={EXPANSION * d_in}),",
             f"    model_name={model_name!r},",
+            *model_class,
             f"    hook_name={hook!r},",
             f"    dataset_path={dataset_path!r},  # SAELens opens it (or override_dataset); it trains from the cache",
             f"    context_size={context_size},  # the cache's (sliced) row length",
@@ -72,7 +81,7 @@ def saelens_recipe(
             "    n_checkpoints=0,",
             f"    output_path={str(cache) + '-sae'!r},",
             ")",
-            f"sae = LanguageModelSAETrainingRunner({', '.join(['cfg', *overrides])}).run()",
+            f"sae = {runner}({', '.join(['cfg', *overrides])}).run()",
         ]
     )
 

@@ -138,8 +138,16 @@ SCENARIOS = [
     Scenario("staging-metadata-in-place", "in-place", "staging-metadata", shards=N_SHARDS),
     Scenario("swap-install-in-place", "in-place", "swap", "install", shards=N_SHARDS),
     Scenario("ow-place-in-place", "in-place", "place", 30, overwrite=True, after_kill="old", shards=1),
+    Scenario("ow-exchange-in-place", "in-place", "swap", "exchange", overwrite=True, after_kill="old", shards=N_SHARDS),
     Scenario(
-        "ow-swap-backup-in-place", "in-place", "swap", "backup", overwrite=True, after_kill="old", shards=N_SHARDS
+        "ow-swap-backup-in-place",
+        "in-place",
+        "swap",
+        "backup",
+        overwrite=True,
+        after_kill="old",
+        shards=N_SHARDS,
+        patches=("no-exchange",),
     ),
     Scenario("remove-work-in-place", "in-place", "rmtree-work", after_kill="new"),
     Scenario("remove-work-rows", "rows", "rmtree-work", after_kill="new"),

@@ -200,7 +200,10 @@ def test_saelens_trains_from_a_cli_cache_with_auto_model_for_causal_lm(saved, te
     hooks = [HOOKS["llama"]["attn"], HOOKS["llama"]["resid"]]
     flags = {**cache_options(saved["llama"], out, ",".join(hooks), shuffle=True), "dataset_path": str(data_dir)}
     assert cli.main([arg for k, v in flags.items() for arg in (f"--{k}", str(v))]) == 0
-    assert f"hook_name={hooks[0]!r}, context_size={CONTEXT}, d_in={D_MODEL}" in capsys.readouterr().out
+    printed = capsys.readouterr().out  # the SAELens script the run prints names the transformers path
+    for line in ["model_class_name='AutoModelForCausalLM',", f"hook_name={hooks[0]!r},", f"context_size={CONTEXT},"]:
+        assert line in printed
+    assert f"d_in={D_MODEL}," in printed
     cache = datasets.load_from_disk(str(out)).with_format("torch")[:]
     monkeypatch.chdir(tmp_path)
 

@@ -108,3 +108,24 @@ def test_the_printed_script_and_the_doc_recipe_train_an_sae_as_written(tmp_path)
     for out in ("activations/demo-sae", "activations/demo-doc-sae"):
         weights = load_file(tmp_path / out / "sae_weights.safetensors")
         assert weights["W_enc"].shape == (256, 2048) and all(w.isfinite().all() for w in weights.values())
+
+
+def test_the_printed_script_of_an_int8_cache_trains_through_the_adapter(tmp_path):
+    """A compact cache's printed script goes through sae_cache.saelens.training_runner and runs as printed."""
+    pytest.importorskip("sae_lens")
+    env = {**os.environ, **OFFLINE}
+    command = [sys.executable, "-m", "sae_cache", "--overwrite", "true", "--context_size", "128", "--dtype", "int8"]
+    command += ["--new_cached_activations_path", "activations/int8", "--training_tokens", "4096", "--device", "cpu"]
+    made = subprocess.run([*command, "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-3000:]
+    printed = made.stdout.split("\n\n", 1)[1]
+    assert "from sae_cache.saelens import training_runner" in printed and "sae = training_runner(cfg" in printed
+    (tmp_path / "printed.py").write_text(printed)
+    trained = subprocess.run(
+        [sys.executable, "printed.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert trained.returncode == 0, trained.stderr[-5000:]
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "activations/int8-sae" / "sae_weights.safetensors")
+    assert weights["W_enc"].shape == (256, 2048) and all(w.isfinite().all() for w in weights.values())
