@@ -34,30 +34,7 @@ def saelens_recipe(
 ) -> str:
     """The script (see the module docstring); context_size is the cache's stored (sliced) row length."""
     batch, buffers, store_rows, tokens = training_sizes(n_rows, context_size)
-    imports = [
-        "from sae_lens import (",
-        "    LanguageModelSAERunnerConfig,",
-        "    LanguageModelSAETrainingRunner,",
-        "    LoggingConfig,",
-        "    StandardTrainingSAEConfig,",
-        ")",
-    ]
-    overrides, demo = [], []
-    if model_name == DEMO_MODEL_NAME:  # SAELens cannot load the demo model by its name
-        overrides.append("override_model=load_demo_model()")
-        demo.append("load_demo_model")
-    if dataset_path == DEMO_DATASET_NAME:  # nor open the demo text
-        overrides.append("override_dataset=load_demo_dataset()")
-        demo.insert(0, "load_demo_dataset")
-    elif (Path(dataset_path) / "state.json").is_file():  # nor a save_to_disk directory
-        imports.insert(0, "import datasets")
-        overrides.append(f"override_dataset=datasets.load_from_disk({dataset_path!r})")
-    if demo:
-        imports.append(f"from sae_cache.demo import {', '.join(demo)}")
-    runner = "LanguageModelSAETrainingRunner"
-    if dtype in COMPACT_DTYPES:  # SAELens reads a compact cache through the adapter (docs/saelens.md)
-        imports.append("from sae_cache.saelens import training_runner")
-        runner = "training_runner"
+    imports, overrides, runner = _imports_and_overrides(model_name, dataset_path, dtype)
     model_class = [] if model_class_name == "HookedTransformer" else [f"    model_class_name={model_class_name!r},"]
     return "\n".join(
         [
@@ -84,6 +61,34 @@ def saelens_recipe(
             f"sae = {runner}({', '.join(['cfg', *overrides])}).run()",
         ]
     )
+
+
+def _imports_and_overrides(model_name: str, dataset_path: str, dtype: str) -> tuple[list[str], list[str], str]:
+    """The script's imports, the runner's overrides (what SAELens cannot load by name) and the runner to call."""
+    imports = [
+        "from sae_lens import (",
+        "    LanguageModelSAERunnerConfig,",
+        "    LanguageModelSAETrainingRunner,",
+        "    LoggingConfig,",
+        "    StandardTrainingSAEConfig,",
+        ")",
+    ]
+    overrides, demo = [], []
+    if model_name == DEMO_MODEL_NAME:  # SAELens cannot load the demo model by its name
+        overrides.append("override_model=load_demo_model()")
+        demo.append("load_demo_model")
+    if dataset_path == DEMO_DATASET_NAME:  # nor open the demo text
+        overrides.append("override_dataset=load_demo_dataset()")
+        demo.insert(0, "load_demo_dataset")
+    elif (Path(dataset_path) / "state.json").is_file():  # nor a save_to_disk directory
+        imports.insert(0, "import datasets")
+        overrides.append(f"override_dataset=datasets.load_from_disk({dataset_path!r})")
+    if demo:
+        imports.append(f"from sae_cache.demo import {', '.join(demo)}")
+    if dtype in COMPACT_DTYPES:  # SAELens reads a compact cache through the adapter (docs/saelens.md)
+        imports.append("from sae_cache.saelens import training_runner")
+        return imports, overrides, "training_runner"
+    return imports, overrides, "LanguageModelSAETrainingRunner"
 
 
 def training_sizes(n_rows: int, context_size: int) -> tuple[int, int, int, int]:
