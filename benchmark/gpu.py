@@ -2,25 +2,32 @@
 
     python -m benchmark.gpu [--quick] [--device cuda] [--tokens N] [--model-dtype float32,bfloat16] [--dir DIR]
 
-One run prints, side by side (issue 15): the disk's write rate with O_DIRECT from an aligned buffer (and through
-the page cache with fsync, for reference); per model kind and model dtype, the bare forward pass on the device
-(the activations stay there), the plain loop that copies each batch's activations to the host with `.cpu()`,
-and sae_cache end to end with shuffle=False, shuffle=True (rows: written in place) and across sequences, each
-in float32 and float16 storage, with every ratio against the bound; the write path alone, fed by a synthetic
-producer on the device (no model: one random float16 batch recorded as the hook), shuffle=False and True (and
-True through the page cache, direct_io=False); a torch.profiler trace of sae_cache showing whether
-consecutive forward passes run back to back (the gaps between the kernels of the compute stream); and the
-targets as verdict rows.
+One run prints, side by side (issues 14, 15 and 16): the disk's write rate with O_DIRECT from an aligned buffer
+(and through the page cache with fsync, for reference); per model kind (TransformerLens, and transformers loaded by
+path as `AutoModelForCausalLM` with SDPA attention) and model dtype, the bare forward pass on the device (the
+activations stay there), the plain loop that copies each batch's activations to the host with `.cpu()`, and
+sae_cache end to end with shuffle=False, shuffle=True (rows: written in place) and across sequences, each in
+float32 and float16 storage, plus, for the bfloat16 model, bfloat16 and int8 storage with shuffle=False and
+True (do tokens/s rise as the bytes per token fall where the disk is the limit?), with every ratio against
+its own bound; the write path alone, fed by a synthetic producer on the device (no model: one random float16
+batch recorded as the hook), shuffle=False and True (and True through the page cache, direct_io=False); a
+torch.profiler trace of sae_cache showing whether consecutive forward passes run back to back (the gaps between
+the kernels of the compute stream); and the targets as verdict rows.
 
 Defaults: GPT-2-small shape with random weights (12 layers, d_model 768, vocabulary 50,257), context 1024,
-batch 32, hook blocks.6.hook_resid_post (the pass stops after block 6), about 2.5M tokens per run, random
-token ids in a `save_to_disk` dataset; about 4 minutes on an H200 with both model dtypes. `--quick`: a model
-small enough for a CPU (still 8 layers, rows of 16 KiB so that shuffle=True is written in place), in well
-under a minute. Scratch files go to --dir (default: a temporary directory under the current one, i.e. the
-disk being measured), removed at the end.
+batch 32, the output of block 6 as the hook (TransformerLens `blocks.6.hook_resid_post`, transformers
+`transformer.h.6`: the pass stops after block 6), 2M tokens per run, random token ids in a `save_to_disk`
+dataset, model dtype bfloat16: 24 runs of 2M tokens, about 3-4 minutes on an H200 (from the rates measured
+there: 0.6M tokens/s for TransformerLens, 2.1M for transformers, the disk's 1.66 GB/s for float32 storage and
+across sequences; about 1 s of set-up per sae_cache run). `--model-dtype float32,bfloat16` adds the float32
+model's 16 runs (about 3 minutes more: TransformerLens runs 0.22M tokens/s in float32). `--quick`: a model small
+enough for a CPU (still 8 layers, int8 rows of over 16 KiB so that shuffle=True is written in place in every
+storage), every table and row, in well under a minute. Scratch files (the data, the transformers checkpoint,
+the caches) go to --dir (default: a temporary directory under the current one, i.e. the disk being measured),
+removed at the end.
 
-Self-contained: torch, transformer_lens, datasets, numpy and sae_cache only (the GPU machine installs the
-wheels it lacks as /work/shared/gpu/README.md says).
+Self-contained: torch, transformer_lens, transformers, tokenizers, datasets, numpy and sae_cache only (the GPU
+machine installs the wheels it lacks as /work/shared/gpu/README.md says).
 """
 
 from __future__ import annotations
@@ -43,14 +50,28 @@ import numpy as np
 import torch
 
 from sae_cache.model import ModelAdapter
+from sae_cache.plan import row_bytes
 
-HOOK = "blocks.6.hook_resid_post"
+HOOKS = {  # per model kind: block 6's output, the residual stream after block 6 (the pass stops there)
+    "TransformerLens": "blocks.6.hook_resid_post",
+    "transformers": "transformer.h.6",
+}
+HOOK = HOOKS["TransformerLens"]  # the synthetic producer's hook
 MODES = {  # sae_cache runs: name -> config fields
     "shuffle=False": dict(shuffle=False),
     "shuffle=True (rows)": dict(shuffle=True),
     "across sequences": dict(shuffle=True, shuffle_across_sequences=True),
 }
 TARGETS = {"shuffle=False": 0.9, "shuffle=True (rows)": 0.8, "across sequences": 0.45}  # x the bound
+STORAGE_RUNS = {  # storage dtype -> the sae_cache modes run in it, for every model
+    "float32": list(MODES),
+    "float16": list(MODES),
+}
+COMPACT_RUNS = {  # ... and for the COMPACT_MODEL_DTYPE model only: the compact formats (issue 16)
+    "bfloat16": ["shuffle=False", "shuffle=True (rows)"],
+    "int8": ["shuffle=False", "shuffle=True (rows)"],
+}
+COMPACT_MODEL_DTYPE = "bfloat16"
 WRITE_PATH_TARGET = 2_000_000  # tokens/s of a 768-wide float16 hook, or the disk's bound if lower
 WRITE_PATH_RUNS = {  # the write path alone: name -> config fields
     "shuffle=False": MODES["shuffle=False"],
@@ -89,12 +110,13 @@ class Bench:
     def bound(self, bare: dict | None, storage: str) -> float | None:
         """min(bare forward tokens/s, disk O_DIRECT bytes/s / stored bytes per token)."""
         direct = self.disk.get("O_DIRECT")
-        limits = [bare and bare["tokens/s"], direct and direct * 1e9 / stored_bytes_per_token(self.shape, storage)]
+        per_token = stored_bytes_per_token(self.shape, storage)
+        limits = [bare and bare["tokens/s"], direct and direct * 1e9 / per_token]
         return min((x for x in limits if x), default=None)
 
 
 FULL = Shape(n_layers=12, d_model=768, n_heads=12, d_vocab=50257, context=1024, batch=32)
-QUICK = Shape(n_layers=8, d_model=128, n_heads=4, d_vocab=1000, context=64, batch=4)
+QUICK = Shape(n_layers=8, d_model=128, n_heads=4, d_vocab=1000, context=128, batch=4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,13 +146,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a tiny model and run (CPU-sized), to check the script")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tokens", type=int, default=None, help="tokens per run (default 2,500,000; --quick 4,096)")
-    p.add_argument("--model-dtype", default=None, help="comma-separated (default float32,bfloat16; --quick float32)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per run (default 2,000,000; --quick 4,096)")
+    p.add_argument(
+        "--model-dtype", default="bfloat16", help="comma-separated, e.g. float32,bfloat16 (default bfloat16)"
+    )
     p.add_argument("--disk-gb", type=float, default=None, help="GB written to measure the disk (default 4)")
     p.add_argument("--dir", default=".", help="where scratch files go (the disk measured); default: here")
     args = p.parse_args(argv)
-    args.tokens = args.tokens or (4096 if args.quick else 2_500_000)
-    args.model_dtype = (args.model_dtype or ("float32" if args.quick else "float32,bfloat16")).split(",")
+    args.tokens = args.tokens or (4096 if args.quick else 2_000_000)
+    args.model_dtype = args.model_dtype.split(",")
     args.disk_gb = args.disk_gb or (0.05 if args.quick else 4.0)
     if args.quick and args.device == "cpu":
         torch.set_num_threads(1)  # tiny matmuls on a shared CPU: more threads only contend
@@ -140,7 +164,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 # -- the models --------------------------------------------------------------------------------------------
 
 
-def transformer_lens_model(shape: Shape, dtype: str, device: str):
+def transformer_lens_model(shape: Shape, dtype: str, device: str, scratch: Path | None = None):
     """TransformerLens HookedTransformer of the shape, random weights (no Hub), as sae_cache's adapter."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -164,16 +188,52 @@ def transformer_lens_model(shape: Shape, dtype: str, device: str):
     return adapt(HookedTransformer(cfg).eval())
 
 
-def transformers_model(shape: Shape, dtype: str, device: str):
-    """THE PLACE FOR THE TRANSFORMERS MODEL KIND: returns None until sae_cache has the Hugging Face adapter.
+def transformers_model(shape: Shape, dtype: str, device: str, scratch: Path):
+    """transformers GPT-2 of the same shape (GPT-2's gelu_new, LayerNorm, MLP 4 x d_model), random weights saved
+    with save_pretrained under `scratch` (no Hub) and loaded by path, as a user's checkpoint, through
+    `sae_cache.model.load_model(path, model_class_name="AutoModelForCausalLM", ...)` in `dtype` with SDPA
+    attention. Its hook `transformer.h.6` (HOOKS) is block 6's output: what TransformerLens's
+    blocks.6.hook_resid_post holds (tests/test_gpu_benchmark.py checks it with the same weights)."""
+    from sae_cache.model import load_model
 
-    Then: save a `transformers.GPT2Config(n_layer=shape.n_layers, n_embd=shape.d_model, n_head=shape.n_heads,
-    vocab_size=shape.d_vocab, n_positions=shape.context)` model with random weights (`save_pretrained`, no Hub)
-    to a temporary directory and return `sae_cache.model.load_model(path, model_class_name="AutoModelForCausalLM",
-    device=device, ...)` in `dtype` (the hook name is then the adapter's spelling of block 6's output). Every
-    table then gets its rows for this kind; nothing else here changes.
-    """
-    return None
+    path = save_transformers_model(shape, scratch / "transformers-gpt2")
+    kwargs = {"torch_dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
+    return load_model(str(path), model_class_name="AutoModelForCausalLM", device=device, from_pretrained_kwargs=kwargs)
+
+
+def save_transformers_model(shape: Shape, directory: Path) -> Path:
+    """A random-weight GPT2LMHeadModel of the shape (float32) and a tokenizer covering its vocabulary, saved to
+    `directory` once (a second call finds them there)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if (directory / "config.json").is_file():
+        return directory
+    end = shape.d_vocab - 1  # GPT-2's <|endoftext|>, its BOS and EOS, is its last id
+    config = GPT2Config(
+        n_layer=shape.n_layers,
+        n_embd=shape.d_model,
+        n_head=shape.n_heads,
+        vocab_size=shape.d_vocab,
+        n_positions=shape.context,
+        bos_token_id=end,
+        eos_token_id=end,
+    )
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    word_tokenizer(shape.d_vocab).save_pretrained(directory)
+    return directory
+
+
+def word_tokenizer(d_vocab: int):
+    """A tokenizer of d_vocab made-up words (`t0` ...), id i for word `ti`: loading by path needs a tokenizer, and
+    sae_cache checks pretokenized ids against its vocabulary, so it covers the model's (the data never uses it)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(d_vocab)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    end = f"t{d_vocab - 1}"
+    return PreTrainedTokenizerFast(tokenizer_object=words, bos_token=end, eos_token=end)
 
 
 KINDS = {"TransformerLens": transformer_lens_model, "transformers": transformers_model}
@@ -275,6 +335,7 @@ THROUGHPUT_COLUMNS = [
     "model",
     "run",
     "storage",
+    "bytes/token",
     "tokens",
     "seconds",
     "tokens/s",
@@ -284,30 +345,37 @@ THROUGHPUT_COLUMNS = [
 ]
 
 
+def storage_runs(model_dtype: str) -> list[tuple[str, str]]:
+    """(storage, mode) of every sae_cache run of a model in `model_dtype`: float32 and float16 storage in every mode,
+    and for the COMPACT_MODEL_DTYPE model the compact formats too."""
+    runs = {**STORAGE_RUNS, **(COMPACT_RUNS if model_dtype == COMPACT_MODEL_DTYPE else {})}
+    return [(storage, mode) for storage, modes in runs.items() for mode in modes]
+
+
 def measure_kind(bench: Bench, kind: str, build, dtype: str) -> list[list]:
-    """The rows of one model kind in one model dtype: bare forward, copy loop, sae_cache in every mode."""
-    args, shape, label = bench.args, bench.shape, f"{kind} {dtype}"
-    adapter = _attempt(label, lambda: build(shape, dtype, args.device))
+    """The rows of one model kind in one model dtype: bare forward, copy loop, sae_cache in every mode and storage."""
+    args, shape, label, hook = bench.args, bench.shape, f"{kind} {dtype}", HOOKS[kind]
+    adapter = _attempt(label, lambda: build(shape, dtype, args.device, bench.scratch))
     if adapter is None:
-        return [[label, "not measured (not supported here yet)", *["-"] * 7]]
+        return [[label, "model not built", *["error"] * 8]]
     tokens = _token_tensor(bench.data, args.tokens // shape.context)
-    bare = _attempt(f"{label} bare forward", lambda: forward_loop(adapter, tokens, shape.batch, copy=False))
-    copied = _attempt(f"{label} copy loop", lambda: forward_loop(adapter, tokens, shape.batch, copy=True))
+    bare = _attempt(f"{label} bare forward", lambda: forward_loop(adapter, tokens, shape.batch, hook, copy=False))
+    copied = _attempt(f"{label} copy loop", lambda: forward_loop(adapter, tokens, shape.batch, hook, copy=True))
     rows = [_row(label, "bare forward on the device", "-", bare, bare, None)]
     rows.append(_row(label, "forward + .cpu() each batch", "-", copied, bare, None))
-    for storage in ("float32", "float16"):
-        bound = bench.bound(bare, storage)
-        for mode, fields in MODES.items():
-            result = _attempt(
-                f"{label} {mode} {storage}",
-                lambda fields=fields, storage=storage: sae_cache_run(
-                    adapter, bench, args.tokens, dtype=storage, **fields
-                ),
-            )
-            rows.append(_row(label, f"sae_cache {mode}", storage, result, bare, bound))
-            ratio = None if result is None or bound is None else result["tokens/s"] / bound
-            bench.verdicts.append(_verdict(f"{label}, {mode}, {storage} storage / bound", ratio, TARGETS[mode]))
+    for storage, mode in storage_runs(dtype):
+        rows.append(measure_sae_cache(bench, label, adapter, hook, storage, mode, bare))
     return rows
+
+
+def measure_sae_cache(bench: Bench, label: str, adapter, hook: str, storage: str, mode: str, bare) -> list:
+    """One sae_cache run's row, against its bound (its storage's bytes per token); its verdict goes to bench."""
+    bound = bench.bound(bare, storage)
+    run = lambda: sae_cache_run(adapter, bench, bench.args.tokens, hook=hook, dtype=storage, **MODES[mode])  # noqa: E731
+    result = _attempt(f"{label} {mode} {storage}", run)
+    ratio = None if result is None or bound is None else result["tokens/s"] / bound
+    bench.verdicts.append(_verdict(f"{label}, {mode}, {storage} storage / bound", ratio, TARGETS[mode]))
+    return _row(label, f"sae_cache {mode}", storage, result, bare, bound, stored_bytes_per_token(bench.shape, storage))
 
 
 def _token_tensor(data: Path, n_rows: int) -> torch.Tensor:
@@ -316,24 +384,24 @@ def _token_tensor(data: Path, n_rows: int) -> torch.Tensor:
     return torch.tensor(np.stack(datasets.load_from_disk(str(data))["input_ids"][:n_rows]), dtype=torch.long)
 
 
-def forward_loop(adapter, tokens: torch.Tensor, batch: int, *, copy: bool) -> dict:
+def forward_loop(adapter, tokens: torch.Tensor, batch: int, hook: str, *, copy: bool) -> dict:
     """Every batch through the model up to the hook (sae_cache's own capture); copy=True: `.cpu()` each batch."""
     device = adapter.device
     tokens = tokens.to(device)
-    with torch.no_grad(), adapter.capture([HOOK]) as capture:
+    with torch.no_grad(), adapter.capture([hook]) as capture:
         for start in range(0, 2 * batch, batch):  # warm-up
             capture(tokens[start : start + batch])
         _sync(device)
         started = time.perf_counter()
         for start in range(0, len(tokens), batch):
-            acts = capture(tokens[start : start + batch])[HOOK]
+            acts = capture(tokens[start : start + batch])[hook]
             if copy:
                 acts.cpu()
         _sync(device)
     return _result(tokens.numel(), time.perf_counter() - started)
 
 
-def sae_cache_run(adapter, bench: Bench, n_tokens: int, **fields) -> dict:
+def sae_cache_run(adapter, bench: Bench, n_tokens: int, hook: str = HOOK, **fields) -> dict:
     """CacheActivationsRunner end to end (model passed in, dataset from disk); the cache is removed after."""
     from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig
 
@@ -341,7 +409,7 @@ def sae_cache_run(adapter, bench: Bench, n_tokens: int, **fields) -> dict:
     cfg = CacheActivationsRunnerConfig(
         model_name="benchmark",
         dataset_path=str(bench.data),
-        hook_name=HOOK,
+        hook_name=hook,
         context_size=bench.shape.context,
         model_batch_size=bench.shape.batch,
         training_tokens=n_tokens,
@@ -448,22 +516,26 @@ def kernel_gaps(events: list[dict]) -> list:
 
 
 def stored_bytes_per_token(shape: Shape, storage: str) -> float:
-    """Bytes on disk per token: activations, the int32 token id, the Array2D offsets (sae_cache's plan)."""
-    return shape.d_model * np.dtype(storage).itemsize + 4 + 4 * (shape.context + 1) / shape.context
+    """Bytes on disk per token in the storage format: activations (and int8's scales), the int32 token id, the
+    Array2D offsets (sae_cache's plan)."""
+    return row_bytes({HOOK: shape.d_model}, shape.context, storage)[1] / shape.context
 
 
 def _result(n_tokens: int, seconds: float) -> dict:
     return {"tokens": n_tokens, "seconds": seconds, "tokens/s": n_tokens / seconds}
 
 
-def _row(model: str, run: str, storage: str, result: dict | None, bare: dict | None, bound: float | None) -> list:
+def _row(
+    model: str, run: str, storage: str, result, bare: dict | None, bound: float | None, per_token: float | None = None
+) -> list:
     if result is None:
-        return [model, run, storage, *["error"] * 6]
+        return [model, run, storage, *["error"] * 7]
     rate = result["tokens/s"]
     return [
         model,
         run + (" (in place)" if result.get("in place") else ""),
         storage,
+        _fmt(per_token, ",.0f"),
         f"{result['tokens']:,}",
         f"{result['seconds']:.2f}",
         f"{rate:,.0f}",
@@ -503,10 +575,11 @@ def print_header(args: argparse.Namespace, shape: Shape) -> None:
     print(f"## sae_cache on {name}: `python -m benchmark.gpu {' '.join(sys.argv[1:])}`\n")
     when = time.strftime("%Y-%m-%d %H:%M:%S")
     print(f"_{when}; torch {torch.__version__}; {os.cpu_count()} CPUs; scratch in {Path(args.dir).resolve()}_  ")
+    hooks = ", ".join(f"{kind} {hook}" for kind, hook in HOOKS.items())
     print(
         f"_model: {shape.n_layers} layers, d_model {shape.d_model}, vocabulary {shape.d_vocab}, random weights; "
-        f"context {shape.context}, batch {shape.batch}, hook {HOOK}; {args.tokens:,} tokens per run; bound = "
-        "min(bare forward, disk O_DIRECT GB/s / stored bytes per token)_"
+        f"context {shape.context}, batch {shape.batch}, hook: block 6's output ({hooks}); {args.tokens:,} tokens "
+        "per run; bound = min(bare forward, disk O_DIRECT GB/s / the storage's stored bytes per token)_"
     )
 
 

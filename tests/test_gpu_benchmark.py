@@ -1,6 +1,9 @@
-"""benchmark/gpu.py runs first time on a GPU: its tiny CPU run prints every row of every table, with numbers.
+"""benchmark/gpu.py runs first time on a GPU: its tiny CPU run prints every row of every table, with numbers, for
+both model kinds (TransformerLens, and transformers loaded by path) and every storage format.
 
-The GPU-only part (the profile of the compute stream) is checked on a synthetic Chrome trace.
+The transformers model's hook holds what TransformerLens's does (the same weights give the same block-6 output);
+the bound of each storage format is its own bytes per token; the GPU-only part (the profile of the compute stream)
+is checked on a synthetic Chrome trace.
 """
 
 from __future__ import annotations
@@ -10,31 +13,45 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmark/ is not installed with the package
 
-from benchmark.gpu import kernel_gaps  # noqa: E402
+from benchmark.gpu import (  # noqa: E402
+    FULL,
+    HOOKS,
+    QUICK,
+    Bench,
+    kernel_gaps,
+    stored_bytes_per_token,
+    transformer_lens_model,
+    transformers_model,
+)
 
 NUMBER = re.compile(r"^[\d,]+(\.\d+)?$")
-MODEL = "TransformerLens float32"
+MODELS = ("TransformerLens bfloat16", "transformers bfloat16")
+MODES = ("shuffle=False", "shuffle=True (rows) (in place)", "across sequences")
+SAE_CACHE_ROWS = [(mode, storage) for storage in ("float32", "float16") for mode in MODES] + [
+    (mode, storage) for storage in ("bfloat16", "int8") for mode in MODES[:2]
+]
+VERDICT_MODES = {"shuffle=False": "shuffle=False", "shuffle=True (rows) (in place)": "shuffle=True (rows)"}
+VERDICT_MODES["across sequences"] = "across sequences"
 EXPECTED = {  # first cell(s) of a row -> how many numeric cells it must have
     ("O_DIRECT",): 2,
     ("page cache + fsync",): 2,
-    (MODEL, "bare forward on the device"): 4,
-    (MODEL, "forward + .cpu() each batch"): 4,
-    **{
-        (MODEL, f"sae_cache {mode}", storage): 6
-        for mode in ("shuffle=False", "across sequences")
-        for storage in ("float32", "float16")
-    },
-    **{(MODEL, "sae_cache shuffle=True (rows) (in place)", storage): 6 for storage in ("float32", "float16")},
+    **{(model, "bare forward on the device"): 4 for model in MODELS},
+    **{(model, "forward + .cpu() each batch"): 4 for model in MODELS},
+    # bytes/token, tokens, seconds, tokens/s, vs bare forward, bound, vs bound
+    **{(model, f"sae_cache {mode}", storage): 7 for model in MODELS for mode, storage in SAE_CACHE_ROWS},
     ("write path alone, shuffle=False",): 4,
     ("write path alone, shuffle=True (rows) (in place)",): 4,
     ("write path alone, shuffle=True (rows), direct_io=False (in place)",): 4,
     **{
-        (f"{MODEL}, {mode}, {storage} storage / bound",): 1
-        for mode in ("shuffle=False", "shuffle=True (rows)", "across sequences")
-        for storage in ("float32", "float16")
+        (f"{model}, {VERDICT_MODES[mode]}, {storage} storage / bound",): 1
+        for model in MODELS
+        for mode, storage in SAE_CACHE_ROWS
     },
     ("write path alone, shuffle=False (tokens/s)",): 1,
     ("write path alone, shuffle=True (rows) (tokens/s)",): 1,
@@ -67,12 +84,51 @@ def test_the_quick_cpu_run_prints_every_row(tmp_path):
         assert len(found) == 1, f"row {key} printed {len(found)} times:\n{proc.stdout}"
         numbers = [cell for cell in found[0][len(key) :] if NUMBER.match(cell)]
         assert len(numbers) >= n_numbers, f"row {key} lacks numbers: {found[0]}"
+    per_token = {row[2]: row[3] for row in rows if row[0] == MODELS[1] and row[1].startswith("sae_cache")}
+    assert per_token == {
+        s: f"{stored_bytes_per_token(QUICK, s):,.0f}" for s in ("float32", "float16", "bfloat16", "int8")
+    }
     verdicts = [row for row in rows if row[-1] in ("met", "**not met**")]
-    assert len(verdicts) == 9
-    assert any(row[:2] == ["transformers float32", "not measured (not supported here yet)"] for row in rows)
+    assert len(verdicts) == 2 * len(SAE_CACHE_ROWS) + 3
     assert any(row[1:] == ["n/a (no CUDA device)"] * 5 for row in rows)  # the profile needs CUDA
     assert re.search(r"^total: \d+ s$", proc.stdout, re.M)
     assert list(tmp_path.iterdir()) == []  # the scratch directory is removed
+
+
+def test_the_transformers_hook_holds_what_the_transformer_lens_hook_holds(tmp_path):
+    """The same GPT-2 weights in both kinds (TransformerLens's own conversion): block 6's output is the same."""
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    hf = transformers_model(QUICK, "float32", "cpu", tmp_path)
+    tl = transformer_lens_model(QUICK, "float32", "cpu")
+    assert hf.kind == "AutoModelForCausalLM" and hf.model.config._attn_implementation == "sdpa"
+    tl.model.load_state_dict(convert_gpt2_weights(hf.model, tl.model.cfg), strict=False)
+    tokens = torch.randint(0, QUICK.d_vocab, (2, QUICK.context), generator=torch.Generator().manual_seed(0))
+    acts = {}
+    for kind, adapter in (("transformers", hf), ("TransformerLens", tl)):
+        with adapter.capture([HOOKS[kind]]) as capture:
+            acts[kind] = capture(tokens)[HOOKS[kind]]
+    assert acts["transformers"].shape == (2, QUICK.context, QUICK.d_model)
+    torch.testing.assert_close(acts["transformers"], acts["TransformerLens"], rtol=1e-4, atol=1e-4)
+    assert acts["transformers"].abs().amax() > 0.1  # a real activation, not zeros
+    assert transformers_model(QUICK, "bfloat16", "cpu", tmp_path).model.dtype == torch.bfloat16  # saved once, reused
+
+
+def test_each_storage_format_has_its_own_bound():
+    """bound = min(bare forward, disk bytes/s / the format's stored bytes per token): where the disk is the limit,
+    a format of fewer bytes per token has a higher bound, by exactly the bytes factor."""
+    per_token = {s: stored_bytes_per_token(FULL, s) for s in ("float32", "float16", "bfloat16", "int8")}
+    offsets = 4 * (FULL.context + 1) / FULL.context  # the Array2D offsets of a row, per token
+    assert per_token["float32"] == 768 * 4 + 4 + offsets and per_token["float16"] == 768 * 2 + 4 + offsets
+    assert per_token["bfloat16"] == per_token["float16"]
+    assert per_token["int8"] == 768 + 4 + 4 + offsets  # values, the per-token scale, the token id
+    bench = Bench(args=None, shape=FULL, scratch=Path(), data=Path(), disk={"O_DIRECT": 1.66})
+    slow_model, fast_model = {"tokens/s": 100_000.0}, {"tokens/s": 1e9}
+    assert {s: bench.bound(slow_model, s) for s in per_token} == dict.fromkeys(per_token, 100_000.0)
+    bounds = {s: bench.bound(fast_model, s) for s in per_token}
+    assert bounds == pytest.approx({s: 1.66e9 / n for s, n in per_token.items()})
+    assert bounds["int8"] / bounds["float32"] == pytest.approx(per_token["float32"] / per_token["int8"])
+    assert per_token["float32"] / per_token["int8"] > 3.9
 
 
 def test_the_gaps_of_the_compute_stream_are_read_from_the_trace():
