@@ -84,15 +84,23 @@ def task_forward(
     streams > 1: that many threads each run every streams-th batch with torch's threads shared among them
     (what sae_cache's forward_threads does on a CPU), each copying into its own reused host buffer.
     """
-    import threading
-
     import numpy as np
     import torch
 
     model = build_model(kind, device)
     tokens = torch.from_numpy(np.asarray(load_rows(data)["input_ids"][:n_rows], dtype=np.int64))
     warm_up(model, batch, tokens.shape[1], hook, device)
-    loop = _forward_loop(model, tokens, batch, hook, streams, device)
+    t = timed_loops(_forward_loop(model, tokens, batch, hook, streams, device), streams, device)
+    model.reset_hooks()
+    return t.result(tokens=int(tokens.numel()), streams=streams)
+
+
+def timed_loops(loop, streams: int, device: str) -> Timed:
+    """loop(k) for k < streams, each on its own thread with torch's threads shared among them, timed together."""
+    import threading
+
+    import torch
+
     threads_before = torch.get_num_threads()
     if streams > 1:
         torch.set_num_threads(max(1, threads_before // streams))
@@ -103,8 +111,7 @@ def task_forward(
         for w in workers:
             w.join()
     torch.set_num_threads(threads_before)
-    model.reset_hooks()
-    return t.result(tokens=int(tokens.numel()), streams=streams)
+    return t
 
 
 def sae_cache_setup(
@@ -136,9 +143,15 @@ def sae_cache_setup(
 
 def task_sae_cache(shuffle: bool, forward_threads: int | None = None, **setup) -> dict:
     """sae_cache's CacheActivationsRunner end to end (construction + run(), model built beforehand)."""
+    model, rows, cfg = sae_cache_setup(**setup, shuffle=shuffle, forward_threads=forward_threads)
+    return timed_sae_cache(model, rows, cfg)
+
+
+def timed_sae_cache(model, rows, cfg) -> dict:
+    """The timed part of a sae_cache run: CacheActivationsRunner(cfg, override_dataset=rows, model=model) built and
+    run; then what the cache holds (it is removed after)."""
     from sae_cache import CacheActivationsRunner
 
-    model, rows, cfg = sae_cache_setup(**setup, shuffle=shuffle, forward_threads=forward_threads)
     with Timed(cfg.device) as t:
         runner = CacheActivationsRunner(cfg, override_dataset=rows, model=model)
         cached = runner.run()

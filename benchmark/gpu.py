@@ -201,9 +201,9 @@ def transformers_model(shape: Shape, dtype: str, device: str, scratch: Path):
     return load_model(str(path), model_class_name="AutoModelForCausalLM", device=device, from_pretrained_kwargs=kwargs)
 
 
-def save_transformers_model(shape: Shape, directory: Path) -> Path:
-    """A random-weight GPT2LMHeadModel of the shape (float32) and a tokenizer covering its vocabulary, saved to
-    `directory` once (a second call finds them there)."""
+def save_transformers_model(shape: Shape, directory: Path, activation: str = "gelu_new") -> Path:
+    """A random-weight GPT2LMHeadModel of the shape (float32; MLP 4 x d_model, `activation`) and a tokenizer covering
+    its vocabulary, saved to `directory` once (a second call finds them there)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if (directory / "config.json").is_file():
@@ -215,6 +215,7 @@ def save_transformers_model(shape: Shape, directory: Path) -> Path:
         n_head=shape.n_heads,
         vocab_size=shape.d_vocab,
         n_positions=shape.context,
+        activation_function=activation,
         bos_token_id=end,
         eos_token_id=end,
     )

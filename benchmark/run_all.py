@@ -3,8 +3,8 @@
     python -m benchmark.run_all [--quick] [--only a,b,...] [--skip a,b,...] [--threads T] [--device cuda]
 
 Runs, in order: forward_vs_cache (a), vs_saelens (b), writer (c), scaling (e), shuffle (f),
-reader (g); peak RSS and bytes on disk (d) are columns of their tables. `--quick` passes --quick to
-each (a smoke run of a few minutes); `--device` is passed to those that run a model (a, b, e, f). The
+reader (g), transformers_path (h); peak RSS and bytes on disk (d) are columns of their tables. `--quick` passes
+--quick to each (a smoke run of a few minutes); `--device` is passed to those that run a model (a, b, e, f, h). The
 full suite takes tens of minutes on 2 CPU cores; run it under nohup and redirect stdout to keep the tables.
 """
 
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from benchmark import forward_vs_cache, reader, scaling, shuffle, vs_saelens, writer
+from benchmark import forward_vs_cache, reader, scaling, shuffle, transformers_path, vs_saelens, writer
 from benchmark._common import REPO_ROOT, header, machine, verdict_table
 
 SUITE = {
@@ -26,8 +26,9 @@ SUITE = {
     "e": scaling,
     "f": shuffle,
     "g": reader,
+    "h": transformers_path,
 }
-WITH_DEVICE = {"a", "b", "e", "f"}  # the benchmarks that run a model
+WITH_DEVICE = {"a", "b", "e", "f", "h"}  # the benchmarks that run a model
 
 
 def git_state() -> str:
@@ -45,10 +46,10 @@ def git_state() -> str:
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every benchmark")
-    p.add_argument("--only", default="", help="comma-separated letters to run (default all: a,b,c,e,f,g)")
+    p.add_argument("--only", default="", help="comma-separated letters to run (default all: a,b,c,e,f,g,h)")
     p.add_argument("--skip", default="", help="comma-separated letters to skip")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's default)")
-    p.add_argument("--device", default="cpu", help="where the model runs in a, b, e and f, e.g. cuda (default: cpu)")
+    p.add_argument("--device", default="cpu", help="where the model runs in a, b, e, f and h, e.g. cuda (default: cpu)")
     return p.parse_args(argv)
 
 
