@@ -12,10 +12,16 @@ one file per buffer, and fsyncs each file:
   the page cache (the runner's shards when shuffle=True, read back by the shuffle);
 - ShardWriter, direct_io: the same around the page cache (O_DIRECT: the runner's final shards when
   shuffle=False);
-- datasets save_to_disk: SAELens's path (`Dataset.from_dict(tensors).save_to_disk`, no fsync), for reference.
+- datasets save_to_disk: SAELens's path (`Dataset.from_dict(tensors).save_to_disk`, no fsync), for reference;
+- ShardWriter (both ways) in the compact storage formats (issue 16): the same activations encoded, before the
+  clock starts, as a bfloat16 and an int8 cache stores them (sae_cache.storage_formats: bfloat16 bit patterns;
+  int8 values and a float32 scale per token), written as the same rows and files in the same pieces. A second
+  table gives their tokens/s beside float32's and the bytes on disk against float32's: where writing is the
+  limit, tokens/s rise by the bytes factor.
 
 MB/s counts payload bytes (activations + token ids, 1 MB = 1e6 bytes). Runs alternate; best of N.
-Target (issue 3, 1c): sae_cache's writer >= 70% of raw.
+Targets: sae_cache's writer >= 70% of raw (issue 3, 1c); bytes on disk / float32's <= 0.51 for bfloat16 and
+<= 0.27 for int8, and tokens/s over float32's >= 0.9 x the bytes factor (issue 16, item 5).
 """
 
 from __future__ import annotations
@@ -55,6 +61,27 @@ MODES = {
     "datasets save_to_disk": "datasets",
 }
 OURS = ("ArrowFileWriter", "ShardWriter", "ShardWriter, direct_io")
+COMPACT = {  # the ShardWriter rows in the compact storage formats: name -> (mode, storage)
+    f"{path}, {storage}": (MODES[path], storage)
+    for path in ("ShardWriter", "ShardWriter, direct_io")
+    for storage in ("bfloat16", "int8")
+}
+BYTES_TARGETS = {"bfloat16": 0.51, "int8": 0.27}  # bytes on disk / float32's (issue 16, item 5)
+RISE_TARGET = 0.9  # tokens/s over float32's, as a fraction of float32's bytes / the format's
+COMPACT_COLUMNS = [
+    "writer",
+    "storage",
+    "tokens",
+    "best s",
+    "all runs s",
+    "tokens/s",
+    "vs float32 tokens/s",
+    "disk bytes / float32's",
+    "bytes factor",
+    "rise / bytes factor",
+    "CPU s",
+    "peak RSS MiB",
+]
 COLUMNS = [
     "writer",
     "MB",
@@ -108,7 +135,7 @@ def _shard_writer(direct_io: bool):
     def write(out: Path, columns: dict, n_buffers: int, features) -> None:
         tensors = {k: torch.from_numpy(v) for k, v in columns.items()}
         rows = len(tensors["token_ids"])
-        piece = max(1, min(-(-rows // 4), rows_in(64, columns[HOOK].shape[1])))
+        piece = max(1, min(-(-rows // 4), rows_in(64, columns["token_ids"].shape[1])))
         with ShardWriter(ShardFiles(out), features, direct_io=direct_io) as writer:
             for i in range(n_buffers):
                 for start in range(0, rows, piece):
@@ -141,8 +168,22 @@ WRITERS = {
 }
 
 
-def task_write(mode: str, directory: str, buffer_mib: int, n_buffers: int, context: int) -> dict:
-    """Write n_buffers synthetic buffers of buffer_mib MiB of activations (+ token ids) one file each."""
+def stored_columns(columns: dict, storage: str) -> dict:
+    """The float32 synthetic columns as a cache in `storage` stores them (sae_cache's codec): the hook's encoded
+    column(s), then the token ids."""
+    import torch
+
+    from sae_cache.storage_formats import storage_format
+
+    encoded = storage_format(storage).encode(HOOK, torch.from_numpy(columns[HOOK]))
+    return {**{name: t.numpy() for name, t in encoded.items()}, "token_ids": columns["token_ids"]}
+
+
+def task_write(
+    mode: str, directory: str, buffer_mib: int, n_buffers: int, context: int, storage: str = "float32"
+) -> dict:
+    """Write n_buffers synthetic buffers of buffer_mib MiB of float32 activations (+ token ids) one file each, the
+    activations stored in `storage` (encoded before the clock starts)."""
     import numpy as np
 
     from sae_cache.arrow_format import cache_features
@@ -150,8 +191,9 @@ def task_write(mode: str, directory: str, buffer_mib: int, n_buffers: int, conte
     write = WRITERS[mode]()
     rows = rows_in(buffer_mib, context)
     columns = synthetic_columns(rows, context)
+    columns = columns if storage == "float32" else stored_columns(columns, storage)
     payload = sum(v.nbytes for v in columns.values())
-    features = cache_features({HOOK: D_MODEL}, context, "float32")
+    features = cache_features({HOOK: D_MODEL}, context, storage)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     with Timed() as t:
@@ -164,6 +206,8 @@ def task_write(mode: str, directory: str, buffer_mib: int, n_buffers: int, conte
         act_bytes=rows * context * D_MODEL * 4 * n_buffers,
         data_bytes=data_bytes,
         rows=rows,
+        tokens=rows * context * n_buffers,
+        storage=storage,
         np_version=np.__version__,
     )
 
@@ -214,12 +258,49 @@ def report(runs: dict[str, list[dict]], modes: list[str], buffer_mib: int, n_buf
     return ratio
 
 
-def verdicts(ratio: float, arrow: dict, quick: bool) -> list[Verdict]:
+def report_compact(runs: dict[str, list[dict]]) -> dict[str, tuple[float, float]]:
+    """Print the compact formats' table (float32's ShardWriter rows beside them); return, per format, the highest
+    disk bytes / float32's and the lowest rise / bytes factor over the two ShardWriter paths."""
+    rows, worst = [], {}
+    for path in ("ShardWriter", "ShardWriter, direct_io"):
+        f32 = best(runs[path])
+        for storage in ("float32", *BYTES_TARGETS):
+            name = path if storage == "float32" else f"{path}, {storage}"
+            r = best(runs[name])
+            rise, bytes_ratio = f32["seconds"] / r["seconds"], r["data_bytes"] / f32["data_bytes"]
+            rows.append([path, storage, f0(r["tokens"]), f2(r["seconds"]), times(runs[name])])
+            rows[-1] += [f0(r["tokens"] / r["seconds"]), f3(rise), f3(bytes_ratio), f2(1 / bytes_ratio)]
+            rows[-1] += [f3(rise * bytes_ratio), f2(r["cpu_s"]), f0(r["hwm_mib"])]
+            if storage != "float32":
+                before = worst.get(storage, (0.0, float("inf")))
+                worst[storage] = (max(before[0], bytes_ratio), min(before[1], rise * bytes_ratio))
+    print("\nThe compact storage formats through the ShardWriter (the same activations, rows, files and pieces):\n")
+    table(COMPACT_COLUMNS, rows)
+    return worst
+
+
+def verdicts(ratio: float, arrow: dict, quick: bool, compact: dict[str, tuple[float, float]]) -> list[Verdict]:
     file_ratio = arrow["data_bytes"] / arrow["act_bytes"]
-    return [
+    found = [
         Verdict("1c writer / raw write+fsync MB/s", f"{ratio:.3f}", f">= {TARGET}", None if quick else ratio >= TARGET),
         Verdict("1d arrow file bytes / raw activation bytes", f"{file_ratio:.4f}", "<= 1.02", file_ratio <= 1.02),
     ]
+    for storage, (bytes_ratio, rise) in compact.items():
+        target = BYTES_TARGETS[storage]
+        found.append(
+            Verdict(
+                f"16.5 {storage} bytes on disk / float32's", f"{bytes_ratio:.4f}", f"<= {target}", bytes_ratio <= target
+            )
+        )
+        found.append(
+            Verdict(
+                f"16.5 {storage} writer tokens/s rise / bytes factor (slower ShardWriter)",
+                f"{rise:.3f}",
+                f">= {RISE_TARGET}",
+                None if quick else rise >= RISE_TARGET,
+            )
+        )
+    return found
 
 
 def main(argv: list[str] | None = None) -> list[Verdict]:
@@ -235,9 +316,12 @@ def main(argv: list[str] | None = None) -> list[Verdict]:
     with scratch("writer") as tmp:
         args_of = dict(buffer_mib=buffer_mib, n_buffers=n_buffers, context=CONTEXT)
         jobs = {n: Job("writer", "write", dict(args_of, mode=MODES[n], directory=str(tmp / MODES[n]))) for n in modes}
+        for name, (mode, storage) in COMPACT.items():
+            jobs[name] = Job("writer", "write", dict(args_of, mode=mode, storage=storage, directory=str(tmp / mode)))
         runs = alternate(jobs, reps)
     ratio = report(runs, modes, buffer_mib, n_buffers, reps)
-    return verdicts(ratio, best(runs["ArrowFileWriter"]), args.quick)
+    compact = report_compact(runs)
+    return verdicts(ratio, best(runs["ArrowFileWriter"]), args.quick, compact)
 
 
 if __name__ == "__main__":
