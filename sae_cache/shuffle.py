@@ -1,31 +1,52 @@
-"""The on-disk shuffle: shards in stream order in, data files in a uniformly random order out, from the seed.
+"""The on-disk shuffle of shards: data files whose rows (or positions) are in a uniformly random order, from the seed.
 
-Owns `shuffle_shards` and the choice of path. Rows (or, across sequences, positions) end in the order of
-their seeded keys (sae_cache.shuffle_io), whatever the number of buffers, shards or ranks that produced
-the stream. Rows of at least ONE_PASS_MIN_ROW_BYTES (the usual case: a row is context x d_model values)
-are shuffled in one pass (here): the whole order is computed from the keys (8 bytes a row) and each output
-chunk's rows are read with `os.preadv` straight from the shards into a reused buffer, in file order, so
-every byte is read and written once; the rows and their order are the two passes' (only the record-batch
-boundaries inside the files differ). Positions across sequences, smaller rows, and bit-packed bool labels
-take the two passes through bucket files (sae_cache.shuffle_buckets). The output goes around the page
-cache with direct_io (sae_cache/direct_io.py).
+Owns `shuffle_shards`, used where the shuffle is not written in place (sae_cache.shuffle_in_place writes large
+rows straight at their places): positions across sequences, rows under 16 KiB, more than 8M rows, and bool
+labels. Rows (or positions) end in the order of their seeded keys (sae_cache.shuffle_io), whatever the number
+of buffers, shards or ranks that produced the stream, in two passes over the disk, in memory bounded by a few
+buckets:
+
+1. scatter: items go to bucket files by key range (bucket = key // width), in stream order;
+2. gather: each bucket is loaded, sorted by key (stably, so ties keep stream order) and appended
+   to the output files, rows_per_file rows each.
+
+Concatenating the sorted buckets is the global sort, so the result is a uniform random permutation.
+Each pass copies every item once in memory (`np.take` from the shard's memory map, or from the bucket
+file's) while the background thread writes. The scatter frees the page cache of the shard bytes it has
+read, so that the bucket files (read back at once, so through the page cache) reuse those pages. Memory:
+the scatter holds two chunks of SCATTER_CHUNK_BYTES and the memory map of one; the gather the memory map
+of one bucket and two sorted buckets (with bucket_bytes a quarter of a buffer, about three quarters of a
+buffer). The output goes around the page cache with direct_io (sae_cache/direct_io.py). The bucket files'
+names belong to sae_cache.publish, which owns the run's layout.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from datasets import Features
 
-from sae_cache.arrow_format import file_offset, mapped_batches
+from sae_cache.arrow_format import file_offset, mapped_batches, read_arrow_columns
 from sae_cache.columns import TOKEN_IDS
-from sae_cache.shuffle_buckets import bucket_shuffle
-from sae_cache.shuffle_io import Background, RowSink, bytes_per_row, check_files, item_buffers, item_layouts, row_order
+from sae_cache.publish import bucket_file, reset_dir
+from sae_cache.shuffle_io import (
+    KEY_LIMIT,
+    Background,
+    RowSink,
+    as_items,
+    bytes_per_row,
+    check_files,
+    item_buffers,
+    item_keys,
+    item_layouts,
+    take,
+)
 
-ONE_PASS_MIN_ROW_BYTES = 16 << 10  # rows mode reads rows at least this large straight from the shards (one pass)...
-ONE_PASS_MAX_ROWS = 8 << 20  # ...when the order of all rows (16 bytes a row while it is computed) stays small
+SCATTER_CHUNK_BYTES = 64 << 20  # items read from a shard at once during the scatter
 
 
 def shuffle_shards(
@@ -41,107 +62,157 @@ def shuffle_shards(
     bucket_bytes: int,
     direct_io: bool = False,
 ) -> list[str]:
-    """Write the shuffled cache's data files into out_dir (around the page cache with direct_io); returns
-    their names in order."""
+    """Write the shuffled cache's data files into out_dir (around the page cache with direct_io) through bucket
+    files of about bucket_bytes each; returns their names in order."""
     row_bytes = bytes_per_row(features)
     layouts = item_layouts(features, across_sequences)
     sink = RowSink(out_dir, features, n_rows=n_rows, rows_per_file=rows_per_file, direct_io=direct_io)
-    if not across_sequences and _one_pass(layouts, row_bytes, n_rows):
-        with Background() as background:
-            chunk_rows = max(1, bucket_bytes // row_bytes)
-            _gather_one_pass(shard_files, sink, layouts, background, seed=seed, n_rows=n_rows, chunk_rows=chunk_rows)
-            background.submit(sink.close)
-        return check_files(sink)
     per_row = features[TOKEN_IDS].length if across_sequences else 1
-    bucket_shuffle(
-        shard_files,
-        sink,
-        layouts,
-        seed=seed,
-        across=across_sequences,
-        per_row=per_row,
-        n_items=n_rows * per_row,
-        item_bytes=row_bytes // per_row,
-        bucket_bytes=bucket_bytes,
-        bucket_dir=bucket_dir,
-    )
+    n_items, item_bytes = n_rows * per_row, row_bytes // per_row
+    n_buckets = max(1, math.ceil(n_items * item_bytes / max(bucket_bytes, 1)))
+    width = min(-(-KEY_LIMIT // n_buckets), KEY_LIMIT - 1)  # keys are < KEY_LIMIT - 1
+    reset_dir(bucket_dir)
+    with Background() as background:
+        counts = _scatter(
+            shard_files,
+            bucket_dir,
+            layouts,
+            background,
+            seed=seed,
+            across=across_sequences,
+            width=width,
+            n_buckets=n_buckets,
+        )
+    with Background() as background:
+        _gather(bucket_dir, sink, layouts, background, counts=counts, per_row=per_row)
+        background.submit(sink.close)
     return check_files(sink)
 
 
-def _one_pass(layouts, bytes_per_row: int, n_rows: int) -> bool:
-    """Whether rows mode takes the one-pass path: large rows, a small order, every column stored in place
-    (bool labels are bit-packed in Arrow, so a row's bools cannot be read alone)."""
-    in_place = all(dtype != np.bool_ for _, _, dtype in layouts.values())
-    return in_place and bytes_per_row >= ONE_PASS_MIN_ROW_BYTES and n_rows <= ONE_PASS_MAX_ROWS
+def _chunks(shard_files: list[Path], across: bool, chunk_items: int) -> Iterator[tuple[Path, int, int, int]]:
+    """(shard, batch index, start, stop): the stream's items in chunks of at most chunk_items."""
+    for path in shard_files:
+        for b, columns in enumerate(read_arrow_columns(path)):
+            n_items = len(as_items(columns, across)[TOKEN_IDS])
+            for start in range(0, n_items, chunk_items):
+                yield path, b, start, min(start + chunk_items, n_items)
 
 
-class _RowExtents:
-    """Where each stream row's value of each column lies in the shards: file, byte offset, byte size."""
-
-    def __init__(self, shard_files: list[Path], layouts) -> None:
-        self.files, self.batch_file, self.offsets, first = list(shard_files), [], [], [0]
-        self.row_bytes = {name: per_item * dtype.itemsize for name, (_, per_item, dtype) in layouts.items()}
-        for f, path in enumerate(self.files):
-            for columns, base in mapped_batches(path):
-                self.batch_file.append(f)
-                self.offsets.append({name: _offset_in_file(columns[name], base, path) for name in layouts})
-                first.append(first[-1] + len(columns[TOKEN_IDS]))
-        self.first = np.array(first, np.int64)
-
-    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The record batch holding each stream row, and the row's index inside it."""
-        batch = np.searchsorted(self.first, rows, side="right") - 1
-        if len(rows) and (rows.min() < 0 or rows.max() >= self.first[-1]):
-            raise RuntimeError(
-                f"the shards hold {self.first[-1]} rows, fewer than the shuffle needs: the shards are inconsistent."
-            )
-        return batch, rows - self.first[batch]
+def _chunk_items(
+    path: Path, batch: int, start: int, stop: int, across: bool
+) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
+    """Items start..stop-1 of a shard's batch: views on a fresh memory map, unmapped once dropped (bounded
+    RSS), and the (offset, length) byte ranges of the file that they are."""
+    for i, (columns, base) in enumerate(mapped_batches(path)):
+        if i == batch:
+            items = {k: v[start:stop] for k, v in as_items(columns, across).items()}
+            size = path.stat().st_size
+            spans = [(file_offset(v, base, size), v.nbytes) for v in items.values()]
+            return items, [(offset, n) for offset, n in spans if offset is not None]  # not copies (bool columns)
+    raise IndexError(batch)
 
 
-def _offset_in_file(values: np.ndarray, base: int, path: Path) -> int:
-    offset = file_offset(values, base, path.stat().st_size)
-    if offset is None:
-        raise RuntimeError(
-            f"a column of {path} is not stored as one contiguous buffer in the file: it cannot be read in place."
-        )
-    return offset
-
-
-def _gather_one_pass(
-    shard_files, sink: RowSink, layouts, background: Background, *, seed: int, n_rows: int, chunk_rows: int
-) -> None:
-    """Rows mode in one pass: output rows start..start+chunk_rows-1 are read from the shards (in file
-    order, with os.preadv) into one of two alternating buffers and handed to the sink."""
-    extents = _RowExtents(shard_files, layouts)
-    order = row_order(seed, n_rows)
-    buffers = [item_buffers(layouts, min(chunk_rows, n_rows)) for _ in range(2)]
-    for k, start in enumerate(range(0, n_rows, chunk_rows)):
-        rows = order[start : start + chunk_rows]
-        out = buffers[k % 2]  # free: the write of chunk k - 2 finished before chunk k - 1 was submitted
-        _read_rows(extents, rows, {name: values[: len(rows)] for name, values in out.items()})
-        background.submit(
-            sink.write, {name: out[name][: len(rows)].reshape(-1, *shape) for name, (shape, _, _) in layouts.items()}
-        )
-
-
-def _read_rows(extents: _RowExtents, rows: np.ndarray, out: dict[str, np.ndarray]) -> None:
-    """out[name][i] = the value of stream row rows[i], read from the shards in file order."""
-    batch, local = extents.locate(rows)
-    by_place = np.lexsort((local, batch))
-    fds: dict[int, int] = {}
+def _drop_cached(path: Path, ranges: list[tuple[int, int]]) -> None:
+    """Free the page cache of shard bytes the scatter has read (the shard stays on disk): the bucket
+    files written next reuse those pages (on a VM, memory left free for long is slow to touch again)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
     try:
-        for i in by_place.tolist():
-            b, r = int(batch[i]), int(local[i])
-            f = extents.batch_file[b]
-            fd = fds.get(f)
-            if fd is None:
-                fd = fds[f] = os.open(extents.files[f], os.O_RDONLY)
-            for name, values in out.items():
-                size = extents.row_bytes[name]
-                if os.preadv(fd, [values[i]], extents.offsets[b][name] + r * size) != size:
-                    raise EOFError(
-                        f"{extents.files[f]} ended inside row {r} of its record batch {b}: the shards are inconsistent."
-                    )
+        for offset, length in ranges:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        os.close(fd)
+
+
+def _scatter(
+    shard_files,
+    bucket_dir: Path,
+    layouts,
+    background: Background,
+    *,
+    seed: int,
+    across: bool,
+    width: int,
+    n_buckets: int,
+) -> np.ndarray:
+    """Append every item to its bucket's files (keys, then one file per column); returns each bucket's item count."""
+    item_bytes = sum(per_item * dtype.itemsize for _, per_item, dtype in layouts.values())
+    chunk_items = max(1, SCATTER_CHUNK_BYTES // item_bytes)
+    buffers = [item_buffers(layouts, chunk_items) for _ in range(2)]
+    counts = np.zeros(n_buckets, np.int64)
+    position = 0
+    for chunk, (path, batch, start, stop) in enumerate(_chunks(shard_files, across, chunk_items)):
+        keys = item_keys(seed, position, position + stop - start)
+        position += len(keys)
+        buckets = keys // width
+        order = np.argsort(buckets, kind="stable")
+        present, first, sizes = np.unique(buckets[order], return_index=True, return_counts=True)
+        counts[present] += sizes
+        out = buffers[chunk % 2]  # free: the write of chunk - 2 finished before chunk - 1 was submitted
+        items, ranges = _chunk_items(path, batch, start, stop, across)
+        take(items, order, out)
+        del items  # unmapped, so that the kernel can drop those pages
+        _drop_cached(path, ranges)
+        files = {"keys": keys[order]} | {str(i): out[name][: len(keys)] for i, name in enumerate(layouts)}
+        background.submit(_append_buckets, bucket_dir, files, present, first, first + sizes)
+    return counts
+
+
+def _append_buckets(directory: Path, files: dict[str, np.ndarray], buckets, starts, stops) -> None:
+    """Append rows starts[j]..stops[j]-1 of each array to bucket buckets[j]'s file of that array."""
+    for bucket, start, stop in zip(buckets, starts, stops):
+        for suffix, values in files.items():
+            _append(bucket_file(directory, bucket, suffix), values[start:stop])
+
+
+def _append(path: Path, values: np.ndarray) -> None:
+    with open(path, "ab") as f:
+        f.write(np.ascontiguousarray(values).data)
+
+
+def _map_bucket_file(path: Path, n_items: int, per_item: int, dtype: np.dtype) -> np.ndarray:
+    """A read-only (n_items, per_item) view of a bucket file's memory map (exactly that many bytes, else EOFError)."""
+    expected = n_items * per_item * np.dtype(dtype).itemsize
+    size = os.path.getsize(path)
+    if size != expected:
+        raise EOFError(f"{path} holds {size} bytes, expected {expected}")
+    return (
+        np.memmap(path, dtype=dtype, mode="r", shape=(n_items, per_item)) if n_items else np.empty((0, per_item), dtype)
+    )
+
+
+def _replace_bucket(bucket_files: list[Path], sink: RowSink, rows: dict[str, np.ndarray]) -> None:
+    """Delete a bucket's files, then write its sorted rows. Both on the writing thread: output written
+    through the page cache (direct_io off or refused) then reuses the pages just freed (on a VM, memory
+    left free for long can be slow to touch again)."""
+    for path in bucket_files:
+        os.remove(path)
+    sink.write(rows)
+
+
+def _gather(
+    bucket_dir: Path, sink: RowSink, layouts, background: Background, *, counts: np.ndarray, per_row: int
+) -> None:
+    """Sort each bucket by key into one of two alternating buffers and hand its whole rows to the sink.
+
+    Items are packed `per_row` to a row (1 in rows mode); the positions left over after a bucket's
+    whole rows are carried to the front of the next buffer.
+    """
+    buffers = [item_buffers(layouts, int(counts.max()) + per_row - 1) for _ in range(2)]
+    carry = 0
+    for k, bucket in enumerate(np.flatnonzero(counts)):
+        n, out = int(counts[bucket]), buffers[k % 2]
+        keys = np.array(_map_bucket_file(bucket_file(bucket_dir, bucket, "keys"), n, 1, np.int64)).reshape(-1)
+        source = {
+            name: _map_bucket_file(bucket_file(bucket_dir, bucket, str(i)), n, per_item, dtype)
+            for i, (name, (_, per_item, dtype)) in enumerate(layouts.items())
+        }
+        take(source, np.argsort(keys, kind="stable"), out, start=carry)
+        del source  # unmapped: the bucket's pages leave this process's memory
+        whole = (carry + n) // per_row * per_row
+        rows = {name: out[name][:whole].reshape(-1, *shape) for name, (shape, _, _) in layouts.items()}
+        background.submit(_replace_bucket, list(bucket_dir.glob(bucket_file(bucket_dir, bucket, "*").name)), sink, rows)
+        carry = carry + n - whole
+        for name in layouts:  # the other buffer is free now: its write has finished
+            buffers[(k + 1) % 2][name][:carry] = out[name][whole : whole + carry]

@@ -1,4 +1,4 @@
-"""What both paths of the on-disk shuffle share: the seeded keys, items and their buffers, the writer thread, the sink.
+"""What the shuffles share: the seeded keys and order (both), items, their buffers, the writer thread, the sink.
 
 Every item (a row, or a position with its token id) gets a random 63-bit key that depends only on (seed,
 its index in the stream), so the order does not depend on how many buffers or shards produced the stream;

@@ -51,7 +51,6 @@ from sae_cache import (  # noqa: E402
     direct_io,
     publish,
     shuffle,
-    shuffle_buckets,
     shuffle_in_place,
     shuffle_io,
     writer,
@@ -174,7 +173,7 @@ def _manifest_torn(n):
 def _scatter(n):
     """The n-th append to a shuffle bucket file half written."""
     calls = [0]
-    real = shuffle_buckets._append
+    real = shuffle._append
 
     def _append(path, values):
         calls[0] += 1
@@ -185,7 +184,7 @@ def _scatter(n):
             die(f"scatter: append {n} to {Path(path).name} half written", scratch=len(listing(Path(path).parent)))
         return real(path, values)
 
-    shuffle_buckets._append = _append
+    shuffle._append = _append
 
 
 def _gather(n):
@@ -315,11 +314,6 @@ def _no_hardlinks() -> None:
     os.link = link
 
 
-def _one_pass_shuffle() -> None:
-    """Rows mode shuffles in one pass (rows read in place) although these rows are small."""
-    shuffle.ONE_PASS_MIN_ROW_BYTES = 0
-
-
 def _in_place_shuffle() -> None:
     """Rows mode shuffles by writing each row in place although these rows are small."""
     plan_module.IN_PLACE_MIN_ROW_BYTES = 0
@@ -336,7 +330,6 @@ def _no_exchange() -> None:
 
 PATCHES = {
     "no-hardlinks": _no_hardlinks,
-    "one-pass-shuffle": _one_pass_shuffle,
     "in-place-shuffle": _in_place_shuffle,
     "no-exchange": _no_exchange,
 }

@@ -228,7 +228,7 @@ def test_bytes_on_disk_against_float32(tmp_path):
             context_size=64,
             training_tokens=64 * 24,
             buffer_size_gb=8e-4,
-            shuffle=True,  # rows of at least 16 KiB: the one-pass shuffle
+            shuffle=True,  # rows of at least 16 KiB: the shuffle written in place
         )
         runner = CacheActivationsRunner(cfg, override_dataset=data, model=model)
         runner.run()
@@ -238,7 +238,7 @@ def test_bytes_on_disk_against_float32(tmp_path):
     for name, limit in (("float16", 0.51), ("bfloat16", 0.51), ("int8", 0.27)):
         assert plans[name] / plans["float32"] <= limit and sizes[name] / sizes["float32"] <= limit, name
     exact = CachedActivations(tmp_path / "float32").rows(0, 24)[0]
-    for name in ("bfloat16", "int8"):  # the one-pass shuffle kept every scale with its values
+    for name in ("bfloat16", "int8"):  # the shuffle written in place kept every scale with its values
         assert within_format_error(name, CachedActivations(tmp_path / name).rows(0, 24)[0], exact)
 
 

@@ -59,11 +59,9 @@ MODES = {
     "rows": {},
     "shuffle": {"shuffle": True},
     "across": {"shuffle": True, "shuffle_across_sequences": True},
-    "shuffle-one-pass": {"shuffle": True},  # with MODE_PATCHES: rows read in place, no scratch
     "in-place": {"shuffle": True, "seed": 5},  # with MODE_PATCHES: no shards, each row written at its place
 }
 MODE_PATCHES = {  # fault_worker.PATCHES every job of the mode runs with
-    "shuffle-one-pass": ("one-pass-shuffle",),
     "in-place": ("in-place-shuffle",),
 }
 OLD = {"training_tokens": 16 * 20, "seed": 7}  # the cache an overwrite run replaces (20 unshuffled rows)
@@ -111,7 +109,6 @@ SCENARIOS = [
     Scenario("scatter-across", "across", "scatter", 40, shards=N_SHARDS),
     Scenario("gather-shuffle", "shuffle", "gather", 7, shards=N_SHARDS),
     Scenario("gather-across", "across", "gather", 7, shards=N_SHARDS),
-    Scenario("gather-shuffle-one-pass", "shuffle-one-pass", "gather", 9, shards=N_SHARDS),
     Scenario("stage-link-rows", "rows", "stage-link", 2, shards=N_SHARDS),
     Scenario(
         "stage-move-rows",
@@ -155,9 +152,6 @@ SCENARIOS = [
     # overwrite runs over an old cache: the next run is the same overwrite command unless said otherwise
     Scenario("ow-forward-shuffle", "shuffle", "forward", 4, overwrite=True, after_kill="old"),
     Scenario("ow-gather-across", "across", "gather", 7, overwrite=True, after_kill="old", shards=N_SHARDS),
-    Scenario(
-        "ow-gather-shuffle-one-pass", "shuffle-one-pass", "gather", 4, overwrite=True, after_kill="old", shards=N_SHARDS
-    ),
     Scenario("ow-staging-metadata-rows", "rows", "staging-metadata", overwrite=True, after_kill="old", shards=N_SHARDS),
     # the swap over an old cache by exchange (renameat2): the output path holds a complete cache at every step
     Scenario("ow-exchange-rows", "rows", "swap", "exchange", overwrite=True, after_kill="old", shards=N_SHARDS),

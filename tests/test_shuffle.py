@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_cache import CacheActivationsRunner, shuffle_buckets, shuffle_io
+from sae_cache import CacheActivationsRunner, shuffle_io
 from sae_cache import shuffle as shuffle_module
 from sae_cache.arrow_format import ArrowFileWriter, cache_features, mapped_batches, read_arrow_columns
 from sae_cache.shuffle import shuffle_shards
@@ -184,19 +184,12 @@ def synthetic_shards(
     return features, files, row
 
 
-def force_rows_path(monkeypatch, one_pass: bool) -> None:
-    """Rows mode through the one pass that reads rows in place (for any row size) or the bucketed two passes."""
-
-    monkeypatch.setattr(shuffle_module, "ONE_PASS_MIN_ROW_BYTES", 0 if one_pass else 1 << 40)
-
-
-@pytest.mark.parametrize("mode", ["rows, two passes", "rows, one pass", "across sequences"])
+@pytest.mark.parametrize("mode", ["rows", "across sequences"])
 @pytest.mark.parametrize("bucket_rows", [0.3, 2.5, 1000])
 def test_order_is_the_stable_sort_of_the_item_keys(tmp_path, mode, bucket_rows, monkeypatch):
     """Buckets of unequal sizes (smaller than a row, a few rows, all), reused buffers, positions carried
     between buckets: the output is exactly the items sorted (stably) by their keys, cut into files."""
     across = mode == "across sequences"
-    force_rows_path(monkeypatch, one_pass=mode == "rows, one pass")
     features, files, n_rows = synthetic_shards(tmp_path, [7, 1, 12], length=4)
     out = tmp_path / "out"
     out.mkdir()
@@ -222,12 +215,11 @@ def test_order_is_the_stable_sort_of_the_item_keys(tmp_path, mode, bucket_rows, 
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is what is tested")
-@pytest.mark.parametrize("mode", ["rows, two passes", "across sequences"])
+@pytest.mark.parametrize("mode", ["rows", "across sequences"])
 def test_the_scatter_frees_the_page_cache_of_exactly_the_bytes_it_read(tmp_path, monkeypatch, mode):
     """Every column byte of every record batch is released once, nothing outside the columns (the
     framing, the Arrow offsets) and nothing twice; the shards are left as they were."""
     across = mode == "across sequences"
-    force_rows_path(monkeypatch, one_pass=False)
     features, files, n_rows = synthetic_shards(tmp_path, [7, 1, 12], length=4, batch_rows=3)
     before = {f: f.read_bytes() for f in files}
     dropped: dict[str, list[tuple[int, int]]] = {}
@@ -239,9 +231,7 @@ def test_the_scatter_frees_the_page_cache_of_exactly_the_bytes_it_read(tmp_path,
         return real_fadvise(fd, offset, length, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", spy)
-    monkeypatch.setattr(
-        shuffle_buckets, "SCATTER_CHUNK_BYTES", _bytes_per_row(features) * 2
-    )  # several chunks per batch
+    monkeypatch.setattr(shuffle_module, "SCATTER_CHUNK_BYTES", _bytes_per_row(features) * 2)  # several chunks per batch
     (tmp_path / "out").mkdir()
     shuffle_shards(
         files,
@@ -308,89 +298,3 @@ def test_an_error_while_writing_propagates_and_stops_the_writer_thread(tmp_path,
         )
     assert len(calls) == 2  # nothing was written after the failure
     assert threading.active_count() == before
-
-
-@pytest.mark.parametrize("labels", [None, {"doc": "int64", "score": "float64"}])
-def test_one_pass_writes_the_same_rows_as_two_passes(tmp_path, monkeypatch, labels):
-    """Rows mode read in place (shards of several record batches, label columns, files cut mid-chunk)
-    gives the same data files, column for column, as the bucketed two passes (only the record-batch
-    boundaries inside a file differ: chunks there, buckets here)."""
-    features, files, n_rows = synthetic_shards(tmp_path, [9, 3, 14], length=4, batch_rows=4, labels=labels)
-    written = {}
-    for one_pass in (True, False):
-        force_rows_path(monkeypatch, one_pass)
-        out = tmp_path / f"out{one_pass}"
-        out.mkdir()
-        shuffle_shards(
-            files,
-            features=features,
-            seed=11,
-            across_sequences=False,
-            rows_per_file=7,
-            n_rows=n_rows,
-            bucket_dir=tmp_path / "buckets",
-            out_dir=out,
-            bucket_bytes=3 * _bytes_per_row(features),
-        )
-        assert (tmp_path / "buckets").exists() == (not one_pass)  # the one pass needs no bucket files
-        written[one_pass] = {
-            f.name: {k: np.concatenate([c[k] for c in read_arrow_columns(f)]) for k in features}
-            for f in sorted(out.iterdir())
-        }
-        rows = np.concatenate(
-            [c["token_ids"][:, 0] // 4 for name in sorted(out.iterdir()) for c in read_arrow_columns(name)]
-        )
-        assert np.array_equal(rows, np.argsort(item_keys(11, 0, n_rows), kind="stable"))
-        for name in labels or {}:
-            values = np.concatenate([c[name] for f in sorted(out.iterdir()) for c in read_arrow_columns(f)])
-            assert np.array_equal(values, rows)
-    assert written[True].keys() == written[False].keys() and len(written[True]) == 4
-    for name, columns in written[True].items():
-        assert all(np.array_equal(columns[k], written[False][name][k]) for k in features)
-
-
-def test_one_pass_holds_two_chunks_of_rows(tmp_path, monkeypatch):
-    """Memory of the one pass: two reused buffers of bucket_bytes each (plus the order), whatever the cache size."""
-
-    force_rows_path(monkeypatch, one_pass=True)
-    sizes = []
-    real = shuffle_module.item_buffers
-    monkeypatch.setattr(shuffle_module, "item_buffers", lambda layouts, n: sizes.append(n) or real(layouts, n))
-    features, files, n_rows = synthetic_shards(tmp_path, [40, 40, 40])
-    shuffle_shards(
-        files,
-        features=features,
-        seed=2,
-        across_sequences=False,
-        rows_per_file=40,
-        n_rows=n_rows,
-        bucket_dir=tmp_path / "buckets",
-        out_dir=tmp_path,
-        bucket_bytes=10 * _bytes_per_row(features),
-    )
-    assert sizes == [10, 10]
-
-
-def test_bool_labels_take_the_two_passes(tmp_path, monkeypatch):
-    """Arrow packs bools as bits, so a row's bool label cannot be read in place: rows mode falls back to
-    the two passes, with the same order."""
-    force_rows_path(monkeypatch, one_pass=True)
-    features, files, n_rows = synthetic_shards(tmp_path, [6, 6], labels={"flag": "bool"})
-    out = tmp_path / "out"
-    out.mkdir()
-    shuffle_shards(
-        files,
-        features=features,
-        seed=3,
-        across_sequences=False,
-        rows_per_file=6,
-        n_rows=n_rows,
-        bucket_dir=tmp_path / "buckets",
-        out_dir=out,
-        bucket_bytes=4 * _bytes_per_row(features),
-    )
-    assert list((tmp_path / "buckets").iterdir()) == []  # made by the two passes (never by the one), emptied
-    rows = np.concatenate([c["token_ids"][:, 0] // 4 for f in sorted(out.iterdir()) for c in read_arrow_columns(f)])
-    flags = np.concatenate([c["flag"] for f in sorted(out.iterdir()) for c in read_arrow_columns(f)])
-    assert np.array_equal(rows, np.argsort(item_keys(3, 0, n_rows), kind="stable"))
-    assert flags.dtype == bool and np.array_equal(flags, rows.astype(bool))
