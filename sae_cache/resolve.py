@@ -91,17 +91,10 @@ def _load(cfg: CacheActivationsRunnerConfig) -> ModelAdapter:
     )
 
 
-def _plan(cfg: CacheActivationsRunnerConfig, model: ModelAdapter, context_size: int, labels: dict) -> CachePlan:
-    """The hooks checked against the model, their widths probed, and every size of the run."""
-    model.check_hooks(cfg.hook_names)
-    if model.n_ctx is not None and context_size > model.n_ctx:
-        raise ValueError(
-            f"context_size={context_size} exceeds the model's n_ctx={model.n_ctx}: set context_size <= {model.n_ctx}."
-        )
-    hook_dims = model.hook_dims(cfg.hook_names)
-    wrong = {h: d for h, d in hook_dims.items() if d != cfg.d_in}
-    if cfg.d_in != UNSET and wrong:
-        raise ValueError(f"d_in={cfg.d_in} but the model's hooks have widths {wrong}: set d_in to match, or -1.")
+def config_plan(
+    cfg: CacheActivationsRunnerConfig, hook_dims: dict[str, int], context_size: int, labels: dict | None = None
+) -> CachePlan:
+    """The plan of `cfg` once the model has told the hooks' widths (and the data its context size and labels)."""
     return make_plan(
         shuffle_across_sequences=cfg.shuffle_across_sequences,
         label_dtypes=labels,
@@ -114,6 +107,20 @@ def _plan(cfg: CacheActivationsRunnerConfig, model: ModelAdapter, context_size: 
         buffer_size_gb=cfg.buffer_size_gb,
         shuffle=cfg.shuffle,
     )
+
+
+def _plan(cfg: CacheActivationsRunnerConfig, model: ModelAdapter, context_size: int, labels: dict) -> CachePlan:
+    """The hooks checked against the model, their widths probed, and every size of the run."""
+    model.check_hooks(cfg.hook_names)
+    if model.n_ctx is not None and context_size > model.n_ctx:
+        raise ValueError(
+            f"context_size={context_size} exceeds the model's n_ctx={model.n_ctx}: set context_size <= {model.n_ctx}."
+        )
+    hook_dims = model.hook_dims(cfg.hook_names)
+    wrong = {h: d for h, d in hook_dims.items() if d != cfg.d_in}
+    if cfg.d_in != UNSET and wrong:
+        raise ValueError(f"d_in={cfg.d_in} but the model's hooks have widths {wrong}: set d_in to match, or -1.")
+    return config_plan(cfg, hook_dims, context_size, labels)
 
 
 def _warn_if_too_small(cfg, dataset, column: InputColumn, plan: CachePlan, model: ModelAdapter) -> None:

@@ -13,7 +13,7 @@ from sae_cache.arrow_format import INFO_FILE, STATE_FILE
 from sae_cache.columns import TOKEN_IDS
 from sae_cache.config import CacheActivationsRunnerConfig
 from sae_cache.metadata import METADATA_FILE, activations_metadata
-from sae_cache.plan import make_plan
+from sae_cache.resolve import config_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -69,16 +69,7 @@ def test_format_doc_names_the_layout():
     for name in names:
         assert name in text, f"docs/format.md does not mention {name}"
     cfg = CacheActivationsRunnerConfig(context_size=16, training_tokens=64, device="cpu")
-    plan = make_plan(
-        context_size=16,
-        hook_dims={"blocks.2.hook_resid_post": 8},
-        seqpos_slice=cfg.seqpos_slice,
-        training_tokens=cfg.training_tokens,
-        dtype=cfg.dtype,
-        model_batch_size=cfg.model_batch_size,
-        buffer_size_gb=cfg.buffer_size_gb,
-        shuffle=cfg.shuffle,
-    )
+    plan = config_plan(cfg, {"blocks.2.hook_resid_post": 8}, 16)
     metadata = activations_metadata(cfg, plan, stats={}, tokenizer=None)
     for key in metadata:
         assert f"`{key}`" in text, f"docs/format.md does not describe the metadata key {key!r}"

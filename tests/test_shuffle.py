@@ -184,6 +184,21 @@ def synthetic_shards(
     return features, files, row
 
 
+def shuffle_synthetic(files, features, n_rows, out_dir, bucket_bytes, across=False):
+    """`shuffle_shards` of synthetic shards into `out_dir`, seed 5, six rows a file."""
+    return shuffle_shards(
+        files,
+        features=features,
+        seed=5,
+        across_sequences=across,
+        rows_per_file=6,
+        n_rows=n_rows,
+        bucket_dir=out_dir.parent / "buckets",
+        out_dir=out_dir,
+        bucket_bytes=bucket_bytes,
+    )
+
+
 @pytest.mark.parametrize("mode", ["rows", "across sequences"])
 @pytest.mark.parametrize("bucket_rows", [0.3, 2.5, 1000])
 def test_order_is_the_stable_sort_of_the_item_keys(tmp_path, mode, bucket_rows, monkeypatch):
@@ -193,17 +208,7 @@ def test_order_is_the_stable_sort_of_the_item_keys(tmp_path, mode, bucket_rows, 
     features, files, n_rows = synthetic_shards(tmp_path, [7, 1, 12], length=4)
     out = tmp_path / "out"
     out.mkdir()
-    names = shuffle_shards(
-        files,
-        features=features,
-        seed=5,
-        across_sequences=across,
-        rows_per_file=6,
-        n_rows=n_rows,
-        bucket_dir=tmp_path / "buckets",
-        out_dir=out,
-        bucket_bytes=int(bucket_rows * _bytes_per_row(features)),
-    )
+    names = shuffle_synthetic(files, features, n_rows, out, int(bucket_rows * _bytes_per_row(features)), across)
     assert names == [f"data-{i:05d}-of-00004.arrow" for i in range(4)]
     tokens = np.concatenate([c["token_ids"] for name in names for c in read_arrow_columns(out / name)])
     acts = np.concatenate([c[HOOK] for name in names for c in read_arrow_columns(out / name)])
@@ -233,17 +238,7 @@ def test_the_scatter_frees_the_page_cache_of_exactly_the_bytes_it_read(tmp_path,
     monkeypatch.setattr(os, "posix_fadvise", spy)
     monkeypatch.setattr(shuffle_module, "SCATTER_CHUNK_BYTES", _bytes_per_row(features) * 2)  # several chunks per batch
     (tmp_path / "out").mkdir()
-    shuffle_shards(
-        files,
-        features=features,
-        seed=5,
-        across_sequences=across,
-        rows_per_file=6,
-        n_rows=n_rows,
-        bucket_dir=tmp_path / "buckets",
-        out_dir=tmp_path / "out",
-        bucket_bytes=_bytes_per_row(features) * 3,
-    )
+    shuffle_synthetic(files, features, n_rows, tmp_path / "out", _bytes_per_row(features) * 3, across)
     for f in files:
         expected = []
         for columns, base in mapped_batches(f):

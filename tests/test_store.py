@@ -21,6 +21,7 @@ from sae_cache import CacheActivationsRunnerConfig
 from sae_cache.columns import TOKEN_IDS
 from sae_cache.model import adapt
 from sae_cache.plan import PIECE_BYTES, make_plan
+from sae_cache.resolve import config_plan
 from sae_cache.store import ActivationsStore, Float16OverflowError, Piece
 
 HOOK = "blocks.1.hook_resid_post"
@@ -291,16 +292,7 @@ def test_pieces_cover_each_buffer_and_stay_small(buffer_gb, d):
     cfg = CacheActivationsRunnerConfig(
         hook_name=HOOK, training_tokens=3_000_000, context_size=128, buffer_size_gb=buffer_gb
     )
-    plan = make_plan(
-        context_size=128,
-        hook_dims={HOOK: d},
-        seqpos_slice=cfg.seqpos_slice,
-        training_tokens=cfg.training_tokens,
-        dtype=cfg.dtype,
-        model_batch_size=cfg.model_batch_size,
-        buffer_size_gb=cfg.buffer_size_gb,
-        shuffle=cfg.shuffle,
-    )
+    plan = config_plan(cfg, {HOOK: d}, 128)
     assert plan.rows_per_piece >= 1
     assert plan.rows_per_piece * plan.bytes_per_row <= max(PIECE_BYTES, plan.bytes_per_row)
     assert plan.rows_per_piece <= max(1, -(-plan.rows_per_buffer // 4))
