@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmark._measure import RESULT_PREFIX, THREADS_ENV, serve
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 GB = 1e9
@@ -30,8 +32,6 @@ D_MODEL = 256
 HOOK = "blocks.1.hook_resid_post"
 BATCH = 32
 ACT_BYTES_PER_TOKEN = D_MODEL * 4  # float32
-THREADS_ENV = "SAE_CACHE_BENCH_TORCH_THREADS"  # read by benchmark._measure: torch.set_num_threads in every run
-RESULT_PREFIX = "RESULT "
 
 
 @dataclass
@@ -87,8 +87,6 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namesp
 def entry(main: Callable[[list[str] | None], object], tasks: dict[str, Callable[..., dict]]) -> None:
     """A benchmark module's `__main__`: one measured task with --task, else the driver `main`."""
     if "--task" in sys.argv[1:]:
-        from benchmark._measure import serve
-
         serve(tasks, sys.argv[1:])
     else:
         main(None)

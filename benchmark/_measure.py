@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmark._common import RESULT_PREFIX, THREADS_ENV
+THREADS_ENV = "SAE_CACHE_BENCH_TORCH_THREADS"  # set by the drivers' --threads: torch.set_num_threads in every run
+RESULT_PREFIX = "RESULT "
 
 
 def proc_status() -> dict[str, float]:

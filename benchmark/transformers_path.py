@@ -12,7 +12,7 @@ activations into a reused host buffer, plainly and as 2 concurrent loops sharing
 sae_cache's `forward_threads` does on a CPU) - TransformerLens's with its own hook and `stop_at_layer`
 (forward_vs_cache's task), transformers' with a torch forward hook that ends the pass - and sae_cache end to end
 (`CacheActivationsRunner(cfg, override_dataset=..., model=...)`, the transformers model loaded by path through
-`sae_cache.model.load_model(path, model_class_name="AutoModelForCausalLM")`, shuffle=False). Runs alternate;
+`sae_cache.adapters.load_model(path, model_class_name="AutoModelForCausalLM")`, shuffle=False). Runs alternate;
 best of N. Target (as 1a): sae_cache on the transformers model >= 0.95 x its faster forward loop, tokens/s.
 """
 
@@ -116,7 +116,7 @@ def task_sae_cache(
     """sae_cache end to end on the transformers model, loaded by path beforehand as a user loads a checkpoint."""
     import torch
 
-    from sae_cache.model import load_model
+    from sae_cache.adapters import load_model
 
     adapter = load_model(
         save_model(model_dir), model_class_name="AutoModelForCausalLM", device=device, from_pretrained_kwargs=SDPA

@@ -260,8 +260,8 @@ def _targeted(argv: list[str]) -> int:
         print(f"sae_cache: error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s")
+    from sae_cache.adapters import load_model
     from sae_cache.data import open_dataset
-    from sae_cache.model import load_model
     from sae_cache.targeted import cache_targeted
 
     try:
@@ -297,8 +297,8 @@ def _hooks(argv: list[str]) -> int:
     parser.add_argument("--device", default=None, help="Device of the model (default: cuda when available, else cpu).")
     parser.add_argument("--model_from_pretrained_kwargs", type=_json, default={}, metavar="JSON")
     parser.add_argument("--all", action="store_true", help="Also list the hooks that cannot be cached, and why.")
+    from sae_cache.adapters import load_model
     from sae_cache.config import default_device
-    from sae_cache.model import load_model
 
     try:
         args = parser.parse_args(argv)

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from sae_cache.adapters import adapt, load_model
 from sae_cache.config import UNSET, CacheActivationsRunnerConfig
 from sae_cache.data import (
     InputColumn,
@@ -27,7 +28,7 @@ from sae_cache.data import (
     resolve_special_tokens,
     vocab_size,
 )
-from sae_cache.model import ModelAdapter, adapt, load_model
+from sae_cache.model import ModelAdapter
 from sae_cache.plan import CachePlan, make_plan
 from sae_cache.store import resolve_forward_threads
 

@@ -20,6 +20,7 @@ import datasets
 import numpy as np
 import torch
 
+from sae_cache.adapters import adapt
 from sae_cache.arrow_format import (
     ArrowFileWriter,
     data_file_name,
@@ -31,7 +32,7 @@ from sae_cache.checks import check_field_types, check_minimums, check_output_pat
 from sae_cache.columns import POSITIONS, RESERVED, SOURCE_INDEX, TOKEN_IDS
 from sae_cache.config import STORAGE_DTYPES
 from sae_cache.metadata import build_metadata
-from sae_cache.model import ModelAdapter, adapt
+from sae_cache.model import ModelAdapter
 from sae_cache.publish import (
     RunPaths,
     check_output,

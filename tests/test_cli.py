@@ -10,8 +10,8 @@ import datasets
 import pytest
 
 from sae_cache import cli
+from sae_cache.adapters import adapt
 from sae_cache.metadata import METADATA_FILE
-from sae_cache.model import adapt
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -151,7 +151,7 @@ def test_targeted_verb_caches_and_info_describes_it(model, tmp_path, monkeypatch
             "y": [1, 2, 3],
         }
     ).save_to_disk(str(data_dir))
-    monkeypatch.setattr("sae_cache.model.load_model", lambda name, **kwargs: adapt(model))
+    monkeypatch.setattr("sae_cache.adapters.load_model", lambda name, **kwargs: adapt(model))
     out = tmp_path / "targeted"
     code = cli.main(
         [

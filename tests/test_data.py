@@ -12,6 +12,7 @@ import torch
 from datasets import Dataset, DatasetDict, IterableDataset
 from sae_lens.tokenization_and_batching import concat_and_batch_sequences
 
+from sae_cache.adapters import adapt
 from sae_cache.config import UNSET
 from sae_cache.data import (
     InputColumn,
@@ -26,7 +27,7 @@ from sae_cache.data import (
     row_tokenizer,
     token_rows,
 )
-from sae_cache.model import ModelAdapter, adapt
+from sae_cache.model import ModelAdapter
 
 TEXT = InputColumn("text", pretokenized=False)
 TOKENS = InputColumn("input_ids", pretokenized=True)

@@ -47,7 +47,8 @@ from sae_lens.training.activations_store import ActivationsStore  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig  # noqa: E402
-from sae_cache.model import PROBE_SHAPE, adapt, load_model  # noqa: E402
+from sae_cache.adapters import adapt, load_model  # noqa: E402
+from sae_cache.model import PROBE_SHAPE  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import threading
 import pytest
 import torch
 
-from sae_cache.model import ModelAdapter, adapt
+from sae_cache.adapters import adapt
+from sae_cache.model import ModelAdapter
 from sae_cache.tl_model import TransformerLensAdapter, stop_layer
 
 HOOKS = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_post"]

@@ -19,8 +19,8 @@ import torch
 from conftest import ROW_BYTES, data_passes, fail_at_pass, no_pass
 
 from sae_cache import CacheActivationsRunner, cli
+from sae_cache.adapters import adapt
 from sae_cache.direct_io import PositionedFiles
-from sae_cache.model import adapt
 from sae_cache.publish import DISK_MARGIN, RunPaths
 
 HOOK = "blocks.1.hook_resid_post"

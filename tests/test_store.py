@@ -18,8 +18,8 @@ import torch
 from conftest import data_passes
 
 from sae_cache import CacheActivationsRunnerConfig
+from sae_cache.adapters import adapt
 from sae_cache.columns import TOKEN_IDS
-from sae_cache.model import adapt
 from sae_cache.plan import PIECE_BYTES, make_plan
 from sae_cache.resolve import config_plan
 from sae_cache.store import ActivationsStore, Float16OverflowError, Piece
