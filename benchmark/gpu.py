@@ -168,7 +168,7 @@ def transformer_lens_model(shape: Shape, dtype: str, device: str, scratch: Path 
     """TransformerLens HookedTransformer of the shape, random weights (no Hub), as sae_cache's adapter."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from sae_cache.model import adapt
+    from sae_cache.adapters import adapt
 
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(
@@ -191,10 +191,10 @@ def transformer_lens_model(shape: Shape, dtype: str, device: str, scratch: Path 
 def transformers_model(shape: Shape, dtype: str, device: str, scratch: Path):
     """transformers GPT-2 of the same shape (GPT-2's gelu_new, LayerNorm, MLP 4 x d_model), random weights saved
     with save_pretrained under `scratch` (no Hub) and loaded by path, as a user's checkpoint, through
-    `sae_cache.model.load_model(path, model_class_name="AutoModelForCausalLM", ...)` in `dtype` with SDPA
+    `sae_cache.adapters.load_model(path, model_class_name="AutoModelForCausalLM", ...)` in `dtype` with SDPA
     attention. Its hook `transformer.h.6` (HOOKS) is block 6's output: what TransformerLens's
     blocks.6.hook_resid_post holds (tests/test_gpu_benchmark.py checks it with the same weights)."""
-    from sae_cache.model import load_model
+    from sae_cache.adapters import load_model
 
     path = save_transformers_model(shape, scratch / "transformers-gpt2")
     kwargs = {"torch_dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
@@ -402,8 +402,16 @@ def forward_loop(adapter, tokens: torch.Tensor, batch: int, hook: str, *, copy: 
     return _result(tokens.numel(), time.perf_counter() - started)
 
 
-def sae_cache_run(adapter, bench: Bench, n_tokens: int, hook: str = HOOK, **fields) -> dict:
-    """CacheActivationsRunner end to end (model passed in, dataset from disk); the cache is removed after."""
+def sae_cache_run(
+    adapter,
+    bench: Bench,
+    n_tokens: int,
+    hook: str = HOOK,
+    around: contextlib.AbstractContextManager | None = None,
+    **fields,
+) -> dict:
+    """CacheActivationsRunner end to end (model passed in, dataset from disk); the cache is removed after. `around`
+    (a profiler) wraps the timed run alone."""
     from sae_cache import CacheActivationsRunner, CacheActivationsRunnerConfig
 
     out = bench.out
@@ -423,7 +431,8 @@ def sae_cache_run(adapter, bench: Bench, n_tokens: int, hook: str = HOOK, **fiel
         runner = CacheActivationsRunner(cfg, model=adapter)
         runner.plan  # noqa: B018 - resolved (hook widths, data) before the clock starts, as a user's script would
         started = time.perf_counter()
-        runner.run()
+        with around or contextlib.nullcontext():
+            runner.run()
         seconds = time.perf_counter() - started
         result = _result(runner.plan.n_tokens, seconds)
         result["in place"] = runner.plan.shuffle_in_place
@@ -463,7 +472,7 @@ def measure_write_path(bench: Bench) -> None:
 def measure_gaps(bench: Bench) -> None:
     """torch.profiler over a short sae_cache run: do consecutive forward passes run back to back on the GPU?"""
     args, dtype = bench.args, bench.args.model_dtype[-1]
-    label = f"TransformerLens {dtype}, float16 storage, shuffle=False"
+    label = f"TransformerLens {dtype}, float16 storage, {', '.join(f'{k}={v}' for k, v in PROFILED_MODE.items())}"
     if not args.device.startswith("cuda"):
         print_table("profile: gaps between kernels", GAP_COLUMNS, [[label, *["n/a (no CUDA device)"] * 5]])
         return
@@ -476,6 +485,7 @@ def measure_gaps(bench: Bench) -> None:
         bench.verdicts.append(_verdict("profile: compute stream busy (forward passes back to back)", busy, 0.9))
 
 
+PROFILED_MODE = MODES["shuffle=False"]
 GAP_COLUMNS = ["run", "kernels", "compute stream busy", "median gap us", "gaps > 100 us", "largest gap us"]
 
 
@@ -484,8 +494,8 @@ def profile_gaps(adapter, bench: Bench) -> list:
     from torch.profiler import ProfilerActivity, profile
 
     shape = bench.shape
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        sae_cache_run(adapter, bench, 24 * shape.batch * shape.context, dtype="float16")
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])  # the run only: not the shape probe
+    sae_cache_run(adapter, bench, 24 * shape.batch * shape.context, around=prof, dtype="float16", **PROFILED_MODE)
     trace = bench.scratch / "trace.json"
     prof.export_chrome_trace(str(trace))
     events = json.loads(trace.read_text())["traceEvents"]

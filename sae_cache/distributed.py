@@ -47,18 +47,29 @@ def init_from_env(device: str) -> str:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or not dist.is_available() or dist.is_initialized():
         return device
-    on_cuda = device.startswith("cuda") and torch.cuda.is_available()
-    dist.init_process_group(backend="nccl" if on_cuda else "gloo")
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if on_cuda else device
+    if not (device.startswith("cuda") and torch.cuda.is_available()):
+        dist.init_process_group(backend="gloo")
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl")  # all_ok reduces a flag on the host
+    return f"cuda:{local}"
 
 
 def all_ok(ranks: Ranks, ok: bool) -> bool:
     """True when every rank reports ok (every rank must call this at the same point)."""
     if not ranks.active:
         return ok
-    flag = torch.tensor([0 if ok else 1])
+    flag = torch.tensor([0 if ok else 1], device=_flag_device())
     dist.all_reduce(flag, op=dist.ReduceOp.SUM)
     return int(flag.item()) == 0
+
+
+def _flag_device() -> torch.device:
+    """Where the group's backend can reduce: this rank's GPU for a group that is NCCL alone (as a user may have
+    initialised it), else the host."""
+    on_host = "cpu:" in dist.get_backend_config()  # "cpu:gloo,cuda:gloo", "cpu:gloo,cuda:nccl"; NCCL alone: "cuda:nccl"
+    return torch.device("cpu") if on_host else torch.device("cuda", torch.cuda.current_device())
 
 
 def rows_of_rank(n_rows: int, batch_size: int, ranks: Ranks) -> int:

@@ -219,11 +219,11 @@ class ActivationsStore:
         if self.copy_stream is None:
             return functools.partial(self._finish, index, state, None)
         host = torch.empty(state.shape, dtype=state.dtype, pin_memory=True)
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        landed = torch.cuda.Event(blocking=True)  # the writer thread sleeps on it rather than spinning
+        with _on_stream(self.copy_stream, self.device):  # behind the kernels that built `state`
             host.copy_(state, non_blocking=True)
             state.record_stream(self.copy_stream)
-            landed = self.copy_stream.record_event()  # after every copy into the piece, and these statistics
+            self.copy_stream.record_event(landed)  # after every copy into the piece, and these statistics
         return functools.partial(self._finish, index, host, landed)
 
     def _finish(self, index: int, state: torch.Tensor, landed: Any) -> dict[str, HookStats]:

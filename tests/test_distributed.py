@@ -13,7 +13,7 @@ import datasets
 import pytest
 import torch
 
-from sae_cache import CacheActivationsRunner
+from sae_cache import CacheActivationsRunner, distributed
 from sae_cache.distributed import Ranks, batches_of_rank, rows_of_rank
 
 HOOK = "blocks.1.hook_resid_post"
@@ -162,3 +162,29 @@ def test_a_killed_rank_resumes(shuffled, tmp_path):
     assert len(names) > 1 and names == sorted(p.name for p in out.glob("*.arrow"))
     for name in names:
         assert (out / name).read_bytes() == (shuffled / name).read_bytes()
+
+
+def test_torchrun_on_gpus_pins_each_rank_to_its_gpu_with_a_backend_for_host_flags(monkeypatch):
+    """NCCL reduces CUDA tensors only, while the ranks share their failures through a flag on the host: the group
+    gets gloo for the host and NCCL for the GPUs, and each rank its LOCAL_RANK's GPU."""
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("gpu", index))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.setdefault("backend", backend))
+    assert distributed.init_from_env("cuda") == "cuda:1"
+    assert calls == {"gpu": 1, "backend": "cpu:gloo,cuda:nccl"}
+    assert distributed.init_from_env("cpu") == "cpu" and calls["backend"] == "cpu:gloo,cuda:nccl"
+
+
+@pytest.mark.parametrize(
+    ("config", "device"),
+    [("cpu:gloo,cuda:gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu"), ("cuda:nccl", "cuda:3")],
+)
+def test_the_failure_flag_goes_where_the_backend_reduces(monkeypatch, config, device):
+    """A group a user initialised with NCCL alone reduces the flag on this rank's GPU."""
+    monkeypatch.setattr(torch.distributed, "get_backend_config", lambda: config)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed._flag_device() == torch.device(device)

@@ -22,9 +22,12 @@ sys.path.insert(0, str(ROOT))  # benchmark/ is not installed with the package
 from benchmark.gpu import (  # noqa: E402
     FULL,
     HOOKS,
+    PROFILED_MODE,
     QUICK,
     Bench,
     kernel_gaps,
+    make_data,
+    sae_cache_run,
     stored_bytes_per_token,
     transformer_lens_model,
     transformers_model,
@@ -138,3 +141,28 @@ def test_the_gaps_of_the_compute_stream_are_read_from_the_trace():
     n, busy, median, over_100, largest = kernel_gaps(events)
     assert n == 4 and busy == f"{38 / 240:.3f}"
     assert median == "2.0" and over_100 == 1 and largest == "200"
+
+
+def test_the_profiled_window_holds_the_forward_passes_of_an_unshuffled_run_and_nothing_before(tmp_path):
+    """The profiler wraps `run()` alone: the shape probe and the run's setup stay outside its window, and the
+    profiled run is the shuffle=False run its label names."""
+    adapter = transformer_lens_model(QUICK, "float32", "cpu")
+    bench = Bench(args=None, shape=QUICK, scratch=tmp_path, data=make_data(tmp_path / "data", 40, QUICK), disk={})
+    seen, window = [], []
+
+    class Window:
+        def __enter__(self):
+            window.append(len(seen))
+
+        def __exit__(self, *exc):
+            window.append(len(seen))
+
+    hook = adapter.module.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    try:
+        result = sae_cache_run(adapter, bench, 6 * QUICK.batch * QUICK.context, around=Window(), **PROFILED_MODE)
+    finally:
+        hook.remove()
+    assert PROFILED_MODE == {"shuffle": False} and not result["in place"]
+    inside = seen[window[0] : window[1]]
+    assert inside == [(QUICK.batch, QUICK.context)] * 6  # every batch of the run, nothing else
+    assert seen[: window[0]] and all(shape[0] != QUICK.batch for shape in seen[: window[0]])  # the probe, before
