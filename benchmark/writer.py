@@ -13,9 +13,10 @@ one file per buffer, and fsyncs each file:
 - ShardWriter, direct_io: the same around the page cache (O_DIRECT: the runner's final shards when
   shuffle=False);
 - datasets save_to_disk: SAELens's path (`Dataset.from_dict(tensors).save_to_disk`, no fsync), for reference;
-- ShardWriter (both ways) in the compact storage formats (issue 16): the same activations encoded, before the
-  clock starts, as a bfloat16 and an int8 cache stores them (sae_cache.storage_formats: bfloat16 bit patterns;
-  int8 values and a float32 scale per token), written as the same rows and files in the same pieces. A second
+- ShardWriter (both ways) in the compact storage formats (issue 16): the same tokens' activations encoded,
+  before the clock starts, as a bfloat16 and an int8 cache stores them (sae_cache.storage_formats: bfloat16 bit
+  patterns; int8 values and a float32 scale per token), in buffers and pieces of the same bytes as float32's, as
+  a run with the same buffer_size_gb makes them (so fewer files: 2 for bfloat16 where float32 has 4). A second
   table gives their tokens/s beside float32's and the bytes on disk against float32's: where writing is the
   limit, tokens/s rise by the bytes factor.
 
@@ -35,6 +36,7 @@ from benchmark._common import (
     D_MODEL,
     HOOK,
     Job,
+    MiB,
     Verdict,
     alternate,
     best,
@@ -72,6 +74,7 @@ COMPACT_COLUMNS = [
     "writer",
     "storage",
     "tokens",
+    "files",
     "best s",
     "all runs s",
     "tokens/s",
@@ -101,11 +104,11 @@ COLUMNS = [
 
 
 def _raw():
-    def write(out: Path, columns: dict, n_buffers: int, features) -> None:
-        for i in range(n_buffers):
+    def write(out: Path, columns: dict, buffer_rows: list[int], features) -> None:
+        for i, n in enumerate(buffer_rows):
             with open(out / f"raw_{i:05d}.bin", "wb") as f:
                 for v in columns.values():
-                    f.write(memoryview(v).cast("B"))
+                    f.write(memoryview(v[:n]).cast("B"))
                 f.flush()
                 os.fsync(f.fileno())
 
@@ -115,31 +118,31 @@ def _raw():
 def _arrow():
     from sae_cache.arrow_format import ArrowFileWriter
 
-    def write(out: Path, columns: dict, n_buffers: int, features) -> None:
-        for i in range(n_buffers):
+    def write(out: Path, columns: dict, buffer_rows: list[int], features) -> None:
+        for i, n in enumerate(buffer_rows):
             writer = ArrowFileWriter(out / f"data-{i:05d}.arrow", features)
-            writer.write(columns)
+            writer.write({k: v[:n] for k, v in columns.items()})
             writer.close()
 
     return write
 
 
 def _shard_writer(direct_io: bool):
-    """Each buffer submitted to a ShardWriter in the runner's pieces (a quarter buffer, <= 64 MiB)."""
+    """Each buffer submitted to a ShardWriter in the runner's pieces (a quarter buffer, <= 64 MiB of activations)."""
     import torch
 
     from sae_cache.publish import ShardFiles
     from sae_cache.store import Piece
     from sae_cache.writer import ShardWriter
 
-    def write(out: Path, columns: dict, n_buffers: int, features) -> None:
+    def write(out: Path, columns: dict, buffer_rows: list[int], features) -> None:
         tensors = {k: torch.from_numpy(v) for k, v in columns.items()}
-        rows = len(tensors["token_ids"])
-        piece = max(1, min(-(-rows // 4), rows_in(64, columns["token_ids"].shape[1])))
+        act_row_bytes = sum(v[0].nbytes for k, v in columns.items() if k != "token_ids")
+        piece = max(1, min(-(-buffer_rows[0] // 4), 64 * MiB // act_row_bytes))
         with ShardWriter(ShardFiles(out), features, direct_io=direct_io) as writer:
-            for i in range(n_buffers):
+            for i, rows in enumerate(buffer_rows):
                 for start in range(0, rows, piece):
-                    part = {k: v[start : start + piece] for k, v in tensors.items()}
+                    part = {k: v[start : min(start + piece, rows)] for k, v in tensors.items()}
                     last = start + piece >= rows
                     writer.submit(Piece(i, part, len(part["token_ids"]), first=start == 0, last=last), {"stats": {}})
 
@@ -151,10 +154,11 @@ def _datasets():
     import torch
     from datasets import Dataset
 
-    def write(out: Path, columns: dict, n_buffers: int, features) -> None:
+    def write(out: Path, columns: dict, buffer_rows: list[int], features) -> None:
         tensors = {k: torch.from_numpy(v) for k, v in columns.items()}
-        for i in range(n_buffers):
-            Dataset.from_dict(tensors, features=features).save_to_disk(str(out / f"shard_{i:05d}"), num_shards=1)
+        for i, n in enumerate(buffer_rows):
+            part = {k: v[:n] for k, v in tensors.items()}
+            Dataset.from_dict(part, features=features).save_to_disk(str(out / f"shard_{i:05d}"), num_shards=1)
 
     return write
 
@@ -179,34 +183,48 @@ def stored_columns(columns: dict, storage: str) -> dict:
     return {**{name: t.numpy() for name, t in encoded.items()}, "token_ids": columns["token_ids"]}
 
 
+def buffer_rows(rows: int, n_buffers: int, context: int, storage: str) -> list[int]:
+    """The rows of each buffer of a run with buffers of `rows` float32 rows' activation bytes (one buffer_size_gb),
+    caching the same tokens in `storage`: a smaller format fits more rows in each buffer, so fewer buffers (files)."""
+    if storage == "float32":
+        return [rows] * n_buffers
+    one = stored_columns(synthetic_columns(1, context), storage)
+    per_buffer = rows * context * D_MODEL * 4 // sum(v.nbytes for k, v in one.items() if k != "token_ids")
+    total = rows * n_buffers
+    return [min(per_buffer, total - start) for start in range(0, total, per_buffer)]
+
+
 def task_write(
     mode: str, directory: str, buffer_mib: int, n_buffers: int, context: int, storage: str = "float32"
 ) -> dict:
-    """Write n_buffers synthetic buffers of buffer_mib MiB of float32 activations (+ token ids) one file each, the
-    activations stored in `storage` (encoded before the clock starts)."""
+    """Write the tokens of n_buffers synthetic buffers of buffer_mib MiB of float32 activations (+ token ids), one
+    file per buffer, the activations stored in `storage` (encoded before the clock starts) in buffers of the same
+    bytes, as a run with the same buffer_size_gb does."""
     import numpy as np
 
     from sae_cache.arrow_format import cache_features
 
     write = WRITERS[mode]()
     rows = rows_in(buffer_mib, context)
-    columns = synthetic_columns(rows, context)
+    sizes = buffer_rows(rows, n_buffers, context, storage)
+    columns = synthetic_columns(sizes[0], context)
     columns = columns if storage == "float32" else stored_columns(columns, storage)
-    payload = sum(v.nbytes for v in columns.values())
+    payload = sum(v[:n].nbytes for n in sizes for v in columns.values())
     features = cache_features({HOOK: D_MODEL}, context, storage)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     with Timed() as t:
-        write(out, columns, n_buffers, features)
+        write(out, columns, sizes, features)
     data_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.suffix in (".arrow", ".bin"))
     shutil.rmtree(out, ignore_errors=True)
     del columns
     return t.result(
-        bytes=payload * n_buffers,
+        bytes=payload,
         act_bytes=rows * context * D_MODEL * 4 * n_buffers,
         data_bytes=data_bytes,
         rows=rows,
-        tokens=rows * context * n_buffers,
+        files=len(sizes),
+        tokens=sum(sizes) * context,
         storage=storage,
         np_version=np.__version__,
     )
@@ -268,13 +286,16 @@ def report_compact(runs: dict[str, list[dict]]) -> dict[str, tuple[float, float]
             name = path if storage == "float32" else f"{path}, {storage}"
             r = best(runs[name])
             rise, bytes_ratio = f32["seconds"] / r["seconds"], r["data_bytes"] / f32["data_bytes"]
-            rows.append([path, storage, f0(r["tokens"]), f2(r["seconds"]), times(runs[name])])
+            rows.append([path, storage, f0(r["tokens"]), str(r["files"]), f2(r["seconds"]), times(runs[name])])
             rows[-1] += [f0(r["tokens"] / r["seconds"]), f3(rise), f3(bytes_ratio), f2(1 / bytes_ratio)]
             rows[-1] += [f3(rise * bytes_ratio), f2(r["cpu_s"]), f0(r["hwm_mib"])]
             if storage != "float32":
                 before = worst.get(storage, (0.0, float("inf")))
                 worst[storage] = (max(before[0], bytes_ratio), min(before[1], rise * bytes_ratio))
-    print("\nThe compact storage formats through the ShardWriter (the same activations, rows, files and pieces):\n")
+    print(
+        "\nThe compact storage formats through the ShardWriter (the same tokens, in buffers and pieces of the same"
+        " bytes as float32's, as a run with the same buffer_size_gb):\n"
+    )
     table(COMPACT_COLUMNS, rows)
     return worst
 
