@@ -51,7 +51,7 @@ ABLATIONS = ("inline_writer", "no_fsync", "no_stats")
 STAGES = (
     "forward pass (capture)",
     "statistics (HookStats.per_item)",
-    "statistics (HookStats.add)",
+    "statistics (RunningStats.add)",
     "overflow check",
     "copy into host buffer (_copy, incl. add)",
     "token rows (dataset iteration)",
@@ -141,7 +141,7 @@ def _instrument() -> dict[str, _Stage]:
         (model.HookCapture, "__call__", "forward pass (capture)"),
         (store.ActivationsStore, "_check_overflow", "overflow check"),
         (store.ActivationsStore, "_copy", "copy into host buffer (_copy, incl. add)"),
-        (stats.HookStats, "add", "statistics (HookStats.add)"),
+        (stats.RunningStats, "add", "statistics (RunningStats.add)"),
         (writer.ShardWriter, "acquire", "wait for a free buffer (acquire)"),
         (writer.ShardWriter, "submit", "hand buffer to writer (submit)"),
         (writer.ShardWriter, "_write", "writer thread: write shard (_write)"),

@@ -65,11 +65,13 @@ def _forward_loop(model, tokens, batch: int, hook: str, streams: int, device: st
     model.hook_dict[hook].add_hook(lambda act, hook: setattr(local, "acts", act))
     pin, stop_at = device.startswith("cuda"), stop_layer(hook)
 
+    tokens = tokens.pin_memory() if pin else tokens  # copied to the GPU without a wait, as sae_cache does
+
     def loop(first: int) -> None:
         host = torch.empty((batch, tokens.shape[1], D_MODEL), dtype=torch.float32, pin_memory=pin)
         with torch.no_grad():
             for i in range(first * batch, len(tokens), batch * streams):
-                tokens_BL = tokens[i : i + batch].to(device)
+                tokens_BL = tokens[i : i + batch].to(device, non_blocking=pin)
                 model(tokens_BL, stop_at_layer=stop_at)
                 host[: len(tokens_BL)].copy_(local.acts, non_blocking=pin)
 

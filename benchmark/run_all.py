@@ -4,7 +4,8 @@
 
 Runs, in order: forward_vs_cache (a), vs_saelens (b), writer (c), scaling (e), shuffle (f),
 reader (g), transformers_path (h); peak RSS and bytes on disk (d) are columns of their tables. `--quick` passes
---quick to each (a smoke run of a few minutes); `--device` is passed to those that run a model (a, b, e, f, h). The
+--quick to each (a smoke run of a few minutes); `--device` is passed to those that run a model (a, b, e, f, h),
+whose CPU targets are then reported, not judged. The
 full suite takes tens of minutes on 2 CPU cores; run it under nohup and redirect stdout to keep the tables.
 """
 
@@ -15,9 +16,10 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 from benchmark import forward_vs_cache, reader, scaling, shuffle, transformers_path, vs_saelens, writer
-from benchmark._common import REPO_ROOT, header, machine, verdict_table
+from benchmark._common import REPO_ROOT, Verdict, header, machine, verdict_table
 
 SUITE = {
     "a": forward_vs_cache,
@@ -60,6 +62,14 @@ def script_argv(key: str, args: argparse.Namespace) -> list[str]:
     return argv + ([f"--device={args.device}"] if key in WITH_DEVICE else [])
 
 
+def not_judged_off_cpu(verdicts: list[Verdict], device: str) -> list[Verdict]:
+    """The targets of a benchmark that runs a model are CPU targets (a small model whose forward pass is the cost);
+    on another device the figures are reported, not judged (benchmark.gpu judges the GPU)."""
+    if device == "cpu":
+        return verdicts
+    return [replace(v, target=f"{v.target} on a CPU; not judged on {device}", met=None) for v in verdicts]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = arguments(argv)
     only = [x for x in args.only.split(",") if x] or list(SUITE)
@@ -75,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     for key in (k for k in only if k not in skip):
         print(f"\n[run_all] {key}: {SUITE[key].__name__}", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        verdicts += SUITE[key].main(script_argv(key, args))
+        found = SUITE[key].main(script_argv(key, args))
+        verdicts += not_judged_off_cpu(found, args.device) if key in WITH_DEVICE else found
         print(f"[run_all] {key} took {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     header("targets of issue 3", f"whole suite: {time.perf_counter() - started:.0f} s")
     verdict_table(verdicts)

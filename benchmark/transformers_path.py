@@ -83,11 +83,13 @@ def _forward_loop(model, tokens, batch: int, streams: int, device: str):
 
     dict(model.named_modules())[HOOKS["transformers"]].register_forward_hook(keep)
 
+    tokens = tokens.pin_memory() if pin else tokens  # copied to the GPU without a wait, as sae_cache does
+
     def loop(first: int) -> None:
         host = torch.empty((batch, tokens.shape[1], D_MODEL), dtype=torch.float32, pin_memory=pin)
         with torch.no_grad():
             for i in range(first * batch, len(tokens), batch * streams):
-                tokens_BL = tokens[i : i + batch].to(device)
+                tokens_BL = tokens[i : i + batch].to(device, non_blocking=pin)
                 try:
                     model(input_ids=tokens_BL, use_cache=False)
                 except _Stop:
