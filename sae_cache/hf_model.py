@@ -49,8 +49,15 @@ class TransformersAdapter(ModelAdapter):
 
     @property
     def device(self) -> torch.device:
+        """Where the embeddings run: accelerate's execution device when a device_map offloads them (their weights
+        then sit on the meta device), else their weights' device."""
         embeddings = self.module.get_input_embeddings()
-        return embeddings.weight.device if embeddings is not None else super().device
+        if embeddings is None:
+            return super().device
+        runs_on = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+        if runs_on is None:
+            return embeddings.weight.device
+        return torch.device("cuda", runs_on) if isinstance(runs_on, int) else torch.device(runs_on)  # int: a GPU
 
     @property
     def n_ctx(self) -> int | None:
@@ -104,6 +111,12 @@ class TransformersAdapter(ModelAdapter):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def stops_by_itself(self, names: list[str]) -> bool:
+        """A model a device_map offloads (layers on "cpu" or "disk" beside others) runs its passes to the end: a pass
+        ended by raising would skip accelerate's hooks that send an offloaded layer's weights back."""
+        placed = {str(d) for d in (getattr(self.module, "hf_device_map", None) or {}).values()}
+        return "disk" in placed or ("cpu" in placed and len(placed) > 1)
 
     def forward(self, tokens_BL: torch.Tensor, names: list[str], kwargs: dict) -> None:
         self.model(input_ids=tokens_BL, **{"use_cache": False, **kwargs})

@@ -197,6 +197,9 @@ class HookCapture:
         self._raise_when_done = not adapter.stops_by_itself(self.hook_names)
         self._local = threading.local()
         self._device = adapter.device
+        # A compiled model may replay CUDA graphs, whose outputs live in memory the next replay overwrites while the
+        # copy to the host (on another stream) may still be reading them: keep copies of its activations instead.
+        self._copy = adapter.module is not adapter.model and self._device.type == "cuda"
         self._installed: contextlib.ExitStack | None = None
 
     def __enter__(self) -> HookCapture:
@@ -214,6 +217,7 @@ class HookCapture:
             act = act if self.positions == slice(None) else act[:, self.positions]
             act = act if act.device == self._device else act.to(self._device)
             act = act.reshape(*act.shape[:2], -1) if self.flatten else act
+            act = act.clone() if self._copy else act
         captured = self._local.captured
         captured[name] = act
         if self._raise_when_done and len(captured) == len(self.hook_names):

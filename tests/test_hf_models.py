@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import types
 from pathlib import Path
 
 import datasets
@@ -268,6 +269,24 @@ def test_without_a_device_map_the_model_goes_to_device(saved):
         from_pretrained_kwargs={"device_map": "cpu"},
     )
     assert placed.device == torch.device("cpu")  # the device_map placed it; `device` is not applied on top
+
+
+def test_a_device_map_that_offloads_sets_the_input_device_and_lets_passes_run_to_the_end(saved, monkeypatch):
+    """accelerate offloads a layer mapped to "cpu" or "disk" beside GPU layers: its weights wait on the meta device and
+    a hook of accelerate's moves them in for the layer's forward and out after it. Tokens go to that hook's execution
+    device, and no pass is ended by raising (which would skip moving the weights out)."""
+    adapter = load_model(str(saved["gpt2"]), model_class_name="AutoModelForCausalLM", device="cpu")
+    hooks = ["transformer.h.0"]
+    assert not adapter.stops_by_itself(hooks)  # one device: the pass is ended after the deepest hook
+    monkeypatch.setattr(adapter.module, "hf_device_map", {"": "cpu"}, raising=False)
+    assert not adapter.stops_by_itself(hooks)  # all on the CPU: nothing is offloaded
+    monkeypatch.setattr(adapter.module, "hf_device_map", {"transformer.wte": 0, "transformer.h": "cpu"}, raising=False)
+    assert adapter.stops_by_itself(hooks)
+    monkeypatch.setattr(adapter.module, "hf_device_map", {"transformer": 0, "lm_head": "disk"}, raising=False)
+    assert adapter.stops_by_itself(hooks)
+    embeddings = adapter.module.get_input_embeddings()
+    monkeypatch.setattr(embeddings, "_hf_hook", types.SimpleNamespace(execution_device=0), raising=False)
+    assert adapter.device == torch.device("cuda", 0)
 
 
 def test_unknown_model_classes_are_refused_listing_the_accepted_ones(make_cfg):

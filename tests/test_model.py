@@ -4,13 +4,14 @@ hooks removed whatever happens, and text tokenized as SAELens does."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
 import torch
 
 from sae_cache.adapters import adapt
-from sae_cache.model import ModelAdapter
+from sae_cache.model import ModelAdapter, _StopForward
 from sae_cache.tl_model import TransformerLensAdapter, stop_layer
 
 HOOKS = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_post"]
@@ -247,3 +248,21 @@ def test_hooks_the_user_added_are_left_in_place(model, adapter, tokens):
     finally:
         model.reset_hooks(including_permanent=False)
     assert no_hooks_left(model)
+
+
+def test_a_compiled_model_on_a_gpu_hands_out_copies_of_its_activations(model, monkeypatch):
+    """CUDA graphs of a compiled model reuse their outputs' memory at the next replay, while the copy to the host may
+    still read them: such a capture keeps copies. A plain model, or any model on the CPU, hands out the tensors."""
+    compiled = adapt(torch.compile(model, backend="eager"))
+    assert compiled.module is model and compiled.model is not model
+    assert not compiled.capture(HOOKS[:1])._copy  # on the CPU
+    monkeypatch.setattr(TransformerLensAdapter, "device", property(lambda self: torch.device("cuda")))
+    assert not adapt(model).capture(HOOKS[:1])._copy
+    capture = compiled.capture(HOOKS[:1])
+    assert capture._copy
+    capture._device, capture._local.captured = torch.device("cpu"), {}  # record on the CPU from here
+    act = torch.randn(2, 3, 4)
+    with contextlib.suppress(_StopForward):  # the last hook of a pass ends it
+        capture._record(HOOKS[0], act)
+    kept = capture._local.captured[HOOKS[0]]
+    assert torch.equal(kept, act) and kept.data_ptr() != act.data_ptr()
