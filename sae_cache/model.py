@@ -45,6 +45,11 @@ class ModelAdapter:
         return getattr(self.model, "_orig_mod", self.model)
 
     @property
+    def compiled(self) -> bool:
+        """Whether the model is torch.compile'd (its passes may replay CUDA graphs)."""
+        return self.module is not self.model
+
+    @property
     def tokenizer(self) -> Any:
         return getattr(self.model, "tokenizer", None)
 
@@ -199,7 +204,7 @@ class HookCapture:
         self._device = adapter.device
         # A compiled model may replay CUDA graphs, whose outputs live in memory the next replay overwrites while the
         # copy to the host (on another stream) may still be reading them: keep copies of its activations instead.
-        self._copy = adapter.module is not adapter.model and self._device.type == "cuda"
+        self._copy = adapter.compiled and self._device.type == "cuda"
         self._installed: contextlib.ExitStack | None = None
 
     def __enter__(self) -> HookCapture:

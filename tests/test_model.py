@@ -254,7 +254,7 @@ def test_a_compiled_model_on_a_gpu_hands_out_copies_of_its_activations(model, mo
     """CUDA graphs of a compiled model reuse their outputs' memory at the next replay, while the copy to the host may
     still read them: such a capture keeps copies. A plain model, or any model on the CPU, hands out the tensors."""
     compiled = adapt(torch.compile(model, backend="eager"))
-    assert compiled.module is model and compiled.model is not model
+    assert compiled.compiled and compiled.module is model and not adapt(model).compiled
     assert not compiled.capture(HOOKS[:1])._copy  # on the CPU
     monkeypatch.setattr(TransformerLensAdapter, "device", property(lambda self: torch.device("cuda")))
     assert not adapt(model).capture(HOOKS[:1])._copy
